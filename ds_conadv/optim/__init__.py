@@ -1,0 +1,10 @@
+"""Fused LAMB and LARS optimizers (and apex-compatible FusedLAMB / LARC)."""
+from .apex_compat import LARC, FusedLAMB
+from .backends import BACKENDS, BackendUnavailable, get_kernels
+from .base import SegmentLayout, TrustRatioOptimizer
+from .groups import param_groups
+from .lamb import LAMB
+from .lars import LARS
+
+__all__ = ["LAMB", "LARS", "FusedLAMB", "LARC", "param_groups", "SegmentLayout", "TrustRatioOptimizer",
+           "BACKENDS", "BackendUnavailable", "get_kernels"]

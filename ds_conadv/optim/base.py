@@ -1,0 +1,277 @@
+"""What LAMB and LARS share: state, master weights, global clipping, GradScaler, segments, dispatch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import functional as F
+from .backends import check_backend_name, get_kernels
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_SUPPORTED_DTYPES = (torch.float32, torch.float64) + _LOW_PRECISION
+
+
+@dataclass
+class SegmentLayout:
+    """How one param group's (flat) params are cut into norm segments, e.g. by DeepSpeed ZeRO.
+
+    ``fragments[k] = [(offset, numel, norm_id), ...]`` for the k-th param of the group: that param is viewed
+    as a flat tensor and each fragment is one segment. ``norm_hook`` (e.g. an all-reduce over data-parallel
+    ranks) receives the ``[num_ids, 2]`` partial sums of squares in place before the trust ratios are taken.
+    """
+
+    fragments: List[List[tuple]]
+    num_ids: int
+    norm_hook: Optional[Callable[[Tensor], None]] = None
+
+
+def _check_float(name: str, value, low=None, high=None, low_open=False):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be a number")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name}={value!r} must be {'>' if low_open else '>='} {low}")
+    if high is not None and value >= high:
+        raise ValueError(f"{name}={value!r} must be < {high}")
+
+
+def _check_bool(name: str, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be True or False")
+
+
+class TrustRatioOptimizer(Optimizer):
+    """Base of :class:`LAMB` and :class:`LARS`; not used directly.
+
+    Every setting is stored in the param groups (not on the instance), so that wrappers that re-run
+    ``__init__`` with only ``param_groups`` (``hvd.DistributedOptimizer``) keep them all.
+    """
+
+    # GradScaler hands us ``grad_scale``/``found_inf`` as attributes and lets the step unscale and skip.
+    _step_supports_amp_scaling = True
+    _state_names: Sequence[str] = ()
+
+    def __init__(self, params, defaults: dict):
+        defaults["backend"] = check_backend_name(defaults["backend"])
+        if defaults["max_grad_norm"] is not None:
+            _check_float("max_grad_norm", defaults["max_grad_norm"], low=0.0, low_open=True)
+        _check_bool("master_weights", defaults["master_weights"])
+        super().__init__(params, defaults)
+        self._skipped_steps: Optional[Tensor] = None
+        self.trust_ratios: List[Optional[Tensor]] = []
+        self._layouts: Dict[int, SegmentLayout] = {}
+        for group in self.param_groups:
+            self._validate_group(group)
+
+    # -- validation ----------------------------------------------------------------------------------------
+    def _validate_group(self, group: dict) -> None:
+        group["backend"] = check_backend_name(group["backend"])
+        devices = {p.device for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(f"a param group mixes devices {sorted(map(str, devices))}; use one group per device")
+        for p in group["params"]:
+            if p.is_complex() or p.dtype not in _SUPPORTED_DTYPES:
+                raise TypeError(f"{type(self).__name__} supports float params ({', '.join(map(str, _SUPPORTED_DTYPES))}),"
+                                f" got {p.dtype}")
+        self._validate_hyperparameters(group)
+
+    def _validate_hyperparameters(self, group: dict) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_layouts"):  # during __init__ the groups are validated once at the end
+            self._validate_group(self.param_groups[-1])
+
+    # -- public extras -------------------------------------------------------------------------------------
+    @property
+    def skipped_steps(self) -> Tensor:
+        """Steps skipped because of inf/NaN gradients (GradScaler or the clipping pass), as a device tensor."""
+        if self._skipped_steps is None:
+            device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else "cpu"
+            self._skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        return self._skipped_steps
+
+    def set_segment_layout(self, group_index: int, layout: Optional[SegmentLayout]) -> None:
+        """Cut group ``group_index``'s params into norm segments (used by the DeepSpeed ZeRO integration)."""
+        if layout is None:
+            self._layouts.pop(group_index, None)
+            return
+        params = self.param_groups[group_index]["params"]
+        if len(layout.fragments) != len(params):
+            raise ValueError(f"layout has {len(layout.fragments)} fragment lists for {len(params)} params")
+        for p, frags in zip(params, layout.fragments):
+            for offset, numel, norm_id in frags:
+                if offset < 0 or numel < 0 or offset + numel > p.numel() or not 0 <= norm_id < layout.num_ids:
+                    raise ValueError(f"fragment (offset={offset}, numel={numel}, id={norm_id}) does not fit a "
+                                     f"param of {p.numel()} elements and {layout.num_ids} ids")
+        self._layouts[group_index] = layout
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def _init_state(self, p: Tensor, group: dict) -> dict:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            for name in self._state_names:
+                state[name] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.contiguous_format)
+            if group["master_weights"] and p.dtype in _LOW_PRECISION:
+                state["master"] = p.detach().to(torch.float32).contiguous()
+        return state
+
+    def _check_grad(self, p: Tensor) -> None:
+        g = p.grad
+        if g.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if g.is_complex() or g.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{type(self).__name__} does not support {g.dtype} gradients")
+        if g.device != p.device or g.shape != p.shape:
+            raise ValueError(f"gradient {tuple(g.shape)}@{g.device} does not match param {tuple(p.shape)}@{p.device}")
+        if not p.is_contiguous() or not g.is_contiguous():
+            raise ValueError(f"{type(self).__name__} needs contiguous params and gradients")
+
+    def _collect(self, index: int, group: dict):
+        """(params, grads, states, masters-or-None, step tensors) for the params of a group that have grads."""
+        params, grads, states, models, steps = [], [], [[] for _ in self._state_names], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            self._check_grad(p)
+            state = self._init_state(p, group)
+            master = state.get("master")
+            params.append(master if master is not None else p)
+            models.append(p if master is not None else None)
+            grads.append(p.grad)
+            for lst, name in zip(states, self._state_names):
+                lst.append(state[name])
+            steps.append(state["step"])
+        return params, grads, states, models, steps
+
+    def _segments(self, index: int, group: dict, params, grads, states, models, steps) -> tuple:
+        """Turn a group's tensors into :class:`Segments` (+ norm hook), honouring a segment layout."""
+        model_params = models if any(m is not None for m in models) else None
+        layout = self._layouts.get(index)
+        if layout is None:
+            return F.Segments(params, grads, states, torch.stack(steps), model_params), None
+        if len(params) != len(group["params"]):
+            raise RuntimeError("a group with a segment layout needs a gradient on every param")
+        seg = F.Segments([], [], [[] for _ in states], steps[0], [] if model_params else None)
+        ids, seg_steps = [], []
+        for k, frags in enumerate(layout.fragments):
+            for offset, numel, norm_id in frags:
+                cut = slice(offset, offset + numel)
+                seg.params.append(params[k].view(-1)[cut])
+                seg.grads.append(grads[k].view(-1)[cut])
+                for dst, src in zip(seg.states, states):
+                    dst.append(src[k].view(-1)[cut])
+                if model_params:
+                    seg.model_params.append(models[k].view(-1)[cut])
+                ids.append(norm_id)
+                seg_steps.append(steps[k])
+        device = params[0].device
+        seg.steps = torch.stack(seg_steps) if seg_steps else torch.zeros(0, device=device)
+        seg.seg_ids = torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
+        seg.num_ids = layout.num_ids
+        return seg, layout.norm_hook
+
+    # -- step ----------------------------------------------------------------------------------------------
+    def _max_grad_norm(self) -> Optional[float]:
+        values = {g["max_grad_norm"] for g in self.param_groups}
+        if len(values) > 1:
+            raise ValueError(f"max_grad_norm is global (one norm over all groups) but groups set {values}")
+        return values.pop()
+
+    def _grad_coefficient(self, collected, kernels_per_group):
+        """(coefficient applied to every grad, skip flag): GradScaler unscale x global clip, inf/NaN check."""
+        grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
+        found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        max_grad_norm = self._max_grad_norm()
+        coef = None if grad_scale is None else grad_scale.double().reciprocal().float()
+        skip = None if found_inf is None else found_inf > 0
+        if max_grad_norm is not None:
+            device = None
+            total = None
+            for (params, grads, *_), kernels in zip(collected, kernels_per_group):
+                if not grads:
+                    continue
+                part = F.grad_sumsq(kernels, grads)
+                device = device or part.device
+                total = part if total is None else total + part.to(device)
+            if total is not None:
+                norm = total.sqrt()
+                if coef is not None:
+                    norm = norm * coef.to(device)
+                clip = F.clip_coefficient(norm, max_grad_norm)
+                nonfinite = ~torch.isfinite(norm)
+                skip = nonfinite if skip is None else (skip.to(device) | nonfinite)
+                coef = clip if coef is None else coef.to(device) * clip
+        return coef, skip
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        collected = [self._collect(i, g) for i, g in enumerate(self.param_groups)]
+        kernels_per_group = [self._kernels(g, c[0]) for g, c in zip(self.param_groups, collected)]
+        coef, skip = self._grad_coefficient(collected, kernels_per_group)
+        self.trust_ratios = []
+        for index, (group, data, kernels) in enumerate(zip(self.param_groups, collected, kernels_per_group)):
+            params, grads, states, models, steps = data
+            if not params:
+                self.trust_ratios.append(None)
+                continue
+            device = params[0].device
+            g_coef = None if coef is None else coef.to(device)
+            g_skip = None if skip is None else skip.to(device)
+            # the step counter only advances on steps that are applied
+            increment = 1 if g_skip is None else (~g_skip).to(torch.float32)
+            torch._foreach_add_(steps, increment)
+            seg, hook = self._segments(index, group, params, grads, states, models, steps)
+            self.trust_ratios.append(self._update(group, seg, kernels, g_coef, g_skip, hook))
+        if skip is not None:
+            counter = self.skipped_steps
+            counter.add_(skip.to(counter.device, torch.int64))
+        return loss
+
+    @staticmethod
+    def _kernels(group: dict, params: List[Tensor]):
+        if not params:
+            return None
+        backend = group["backend"]
+        if backend == "auto" and params[0].dtype == torch.float64:
+            backend = "foreach"  # the fused kernels are fp32-compute; fp64 params get fp64 math
+        return get_kernels(backend, params[0].device)
+
+    def _update(self, group, seg, kernels, coef, skip, hook) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["ds_conadv"] = {"skipped_steps": self.skipped_steps.detach().cpu().clone()}
+        return sd
+
+    def load_state_dict(self, state_dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("ds_conadv", {})
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        # torch casts every float state tensor to its param's dtype; ours stay fp32 (bf16 params, fp32 moments
+        # and master weights), so put the saved tensors back with their own dtype, on the param's device.
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            for key, value in saved.items():
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.detach().to(device=p.device, copy=True)
+        for group in self.param_groups:
+            self._validate_group(group)
+        if "skipped_steps" in extra:
+            self.skipped_steps.copy_(extra["skipped_steps"])

@@ -1,0 +1,51 @@
+"""JIT builds of the C++/CUDA kernels with ``torch.utils.cpp_extension`` + ninja, cached on disk.
+
+The build directory is ``$DS_CONADV_EXT_DIR`` or ``~/.cache/ds_conadv/extensions/<torch version>``; a build
+happens once per source/flag change (cpp_extension hashes both) and later imports just load the library.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import List, Optional, Sequence
+
+_lock = threading.Lock()
+_loaded: dict = {}
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def build_dir(name: str) -> str:
+    import torch
+
+    root = os.environ.get("DS_CONADV_EXT_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "ds_conadv", "extensions", torch.__version__.replace("+", "_"))
+    path = os.path.join(root, name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _digest(paths: Sequence[str], flags: Sequence[str]) -> str:
+    h = hashlib.sha1()
+    for p in paths:
+        with open(p, "rb") as f:
+            h.update(f.read())
+    h.update(" ".join(flags).encode())
+    return h.hexdigest()[:10]
+
+
+def load_extension(name: str, sources: List[str], extra_cflags: Optional[List[str]] = None,
+                   extra_cuda_cflags: Optional[List[str]] = None, verbose: bool = False):
+    """Build (once) and import an extension from sources relative to ``kernels/``."""
+    from torch.utils.cpp_extension import load
+
+    paths = [s if os.path.isabs(s) else os.path.join(HERE, s) for s in sources]
+    flags = list(extra_cflags or []) + list(extra_cuda_cflags or [])
+    # the module name carries a digest of sources+flags so two versions never collide in one cache
+    full = f"{name}_{_digest(paths, flags)}"
+    with _lock:
+        if full not in _loaded:
+            _loaded[full] = load(name=full, sources=paths, extra_cflags=extra_cflags or [],
+                                 extra_cuda_cflags=extra_cuda_cflags or [], build_directory=build_dir(full),
+                                 verbose=verbose or bool(os.environ.get("DS_CONADV_VERBOSE_BUILD")))
+    return _loaded[full]

@@ -1,0 +1,320 @@
+"""LAMB / LARS against the fp64 textbook, every knob, every CPU backend; and the optimizer contract."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+from ds_conadv.optim import LAMB, LARC, LARS, FusedLAMB, SegmentLayout, param_groups
+from ds_conadv.optim.backends import get_kernels
+
+from optim_cases import (LAMB_KNOBS, LAMB_LR, LARS_KNOBS, LARS_LR, assert_close_list, problem, run_optimizer, textbook_lamb,
+                         textbook_lars)
+
+CPU_BACKENDS = ["reference", "foreach", "cpp"]
+TEXTBOOK = {LAMB: textbook_lamb, LARS: textbook_lars}
+CASES = [(LAMB, name, knobs) for name, knobs in LAMB_KNOBS.items()] + \
+        [(LARS, name, knobs) for name, knobs in LARS_KNOBS.items()]
+
+
+def _backend_or_skip(backend):
+    if backend == "cpp" and importlib.util.find_spec("ds_conadv.kernels.cpu") is None:
+        pytest.skip("the cpp backend is not in this checkout")
+    get_kernels(backend, torch.device("cpu"))  # a build failure fails the test: it must build here
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cls,name,knobs", CASES, ids=[f"{c.__name__}-{n}" for c, n, _ in CASES])
+def test_fp32_matches_fp64_textbook(backend, cls, name, knobs):
+    _backend_or_skip(backend)
+    params, grads = problem(steps=20)
+    expected = TEXTBOOK[cls](params, grads, **knobs)
+    _, _, weights = run_optimizer(cls, params, grads, backend, **knobs)
+    assert_close_list(weights, expected, msg=f"{cls.__name__}[{backend}] {name}")
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+def test_fp64_reference_is_exact(cls):
+    """In fp64 the reference must agree with the textbook to rounding (it is the oracle of the fast paths)."""
+    params, grads = problem(steps=20)
+    for name, knobs in (LAMB_KNOBS if cls is LAMB else LARS_KNOBS).items():
+        expected = TEXTBOOK[cls](params, grads, **knobs)
+        _, _, weights = run_optimizer(cls, params, grads, "reference", dtype=torch.float64, **knobs)
+        assert_close_list(weights, expected, rtol=1e-11, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+def test_lr_as_tensor_and_scheduler(backend, cls):
+    _backend_or_skip(backend)
+    params, grads = problem(steps=8)
+    base_lr = 1e-2 if cls is LAMB else 0.5
+    lrs = [base_lr * 0.5 ** (t // 3) for t in range(8)]
+    expected = TEXTBOOK[cls](params, grads, lrs=lrs)
+    ps = [p.float().clone().requires_grad_() for p in params]
+    opt = cls(ps, lr=torch.tensor(base_lr), backend=backend)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    for step_grads in grads:
+        for p, g in zip(ps, step_grads):
+            p.grad = g.float()
+        opt.step()
+        sched.step()
+    assert_close_list([p.detach().double() for p in ps], expected)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+def test_low_precision_params_with_master_weights(backend, low, cls):
+    _backend_or_skip(backend)
+    params, grads = problem(steps=20, round_to=low)
+    knobs = dict(max_grad_norm=1.0)
+    expected = TEXTBOOK[cls](params, grads, **knobs)
+    opt, ps, masters = run_optimizer(cls, params, grads, backend, dtype=low, master_weights=True, **knobs)
+    assert all(opt.state[p]["master"].dtype == torch.float32 for p in ps)
+    assert all(opt.state[p]["step"].dtype == torch.float32 for p in ps)
+    assert_close_list(masters, expected, msg=f"{backend} {low} master")
+    for p, m in zip(ps, masters):  # the model copy is the master rounded to nearest (1 ulp allowed)
+        assert p.dtype == low
+        torch.testing.assert_close(p.detach(), m.to(low), rtol=2 ** -7 if low == torch.bfloat16 else 2 ** -10,
+                                   atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+def test_segment_layout_equals_whole_tensors(backend, cls):
+    """A flat buffer cut at arbitrary edges (as ZeRO does) gives the same step as the original tensors."""
+    _backend_or_skip(backend)
+    params, grads = problem(steps=6)
+    expected = TEXTBOOK[cls](params, grads)
+    flat = torch.cat([p.reshape(-1) for p in params]).float().requires_grad_()
+    # fragments: every tensor cut in up to three pieces at odd offsets; ids = original tensor index
+    fragments, offset = [], 0
+    for i, p in enumerate(params):
+        n = p.numel()
+        cuts = sorted({0, n, n // 3, (2 * n) // 3 + 1} & set(range(n + 1)))
+        fragments += [(offset + a, b - a, i) for a, b in zip(cuts, cuts[1:]) if b > a]
+        offset += n
+    sums_seen = []
+    opt = cls([flat], lr=LAMB_LR if cls is LAMB else LARS_LR, backend=backend)
+    opt.set_segment_layout(0, SegmentLayout([fragments], num_ids=len(params), norm_hook=sums_seen.append))
+    for step_grads in grads:
+        flat.grad = torch.cat([g.reshape(-1) for g in step_grads]).float()
+        opt.step()
+    assert len(sums_seen) == len(grads) and sums_seen[0].shape == (len(params), 2)
+    got, offset = [], 0
+    for p in params:
+        got.append(flat.detach()[offset:offset + p.numel()].reshape(p.shape).double())
+        offset += p.numel()
+    assert_close_list(got, expected, msg=f"{cls.__name__}[{backend}] segments")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+def test_grad_scaler_skips_and_unscales(backend, cls):
+    _backend_or_skip(backend)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    twin = copy.deepcopy(model)
+    opt = cls(model.parameters(), lr=0.01, backend=backend, max_grad_norm=10.0)
+    twin_opt = cls(twin.parameters(), lr=0.01, backend=backend, max_grad_norm=10.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    for _ in range(3):
+        for m, o, use_scaler in ((model, opt, True), (twin, twin_opt, False)):
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            if use_scaler:
+                scaler.scale(loss).backward()
+                scaler.step(o)
+                scaler.update()
+            else:
+                loss.backward()
+                o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # an inf gradient: the step is skipped, params and state bit-identical, the skip counted
+    before_p = [p.detach().clone() for p in model.parameters()]
+    before_s = copy.deepcopy(opt.state_dict()["state"])
+    opt.zero_grad()
+    scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+    next(model.parameters()).grad[0, 0] = float("inf")
+    scale_before = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < scale_before
+    assert int(opt.skipped_steps) == 1
+    for a, b in zip(model.parameters(), before_p):
+        assert torch.equal(a, b)
+    after_s = opt.state_dict()["state"]
+    for k in before_s:
+        for name, value in before_s[k].items():
+            assert torch.equal(after_s[k][name], value), name
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+def test_nonfinite_grad_with_clipping_skips_without_scaler(cls):
+    p = torch.randn(10, requires_grad=True)
+    opt = cls([p], max_grad_norm=1.0, backend="foreach")
+    p.grad = torch.randn(10)
+    opt.step()
+    saved = p.detach().clone(), copy.deepcopy(opt.state[p])
+    p.grad = torch.full((10,), float("nan"))
+    opt.step()
+    assert torch.equal(p.detach(), saved[0]) and int(opt.skipped_steps) == 1
+    for k, v in saved[1].items():
+        assert torch.equal(opt.state[p][k], v)
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+def test_state_dict_resume_equals_uninterrupted(cls, tmp_path):
+    params, grads = problem(steps=10, round_to=torch.bfloat16)
+
+    def make():
+        ps = [p.to(torch.bfloat16).requires_grad_() for p in params]
+        return ps, cls(ps, backend="foreach", master_weights=True, max_grad_norm=5.0)
+
+    def run(ps, opt, steps):
+        for step_grads in steps:
+            for p, g in zip(ps, step_grads):
+                p.grad = g.to(torch.bfloat16)
+            opt.step()
+
+    ps_full, opt_full = make()
+    run(ps_full, opt_full, grads)
+    ps_a, opt_a = make()
+    run(ps_a, opt_a, grads[:4])
+    torch.save({"params": [p.detach() for p in ps_a], "optim": opt_a.state_dict()}, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    ps_b, opt_b = make()
+    with torch.no_grad():
+        for p, saved in zip(ps_b, ckpt["params"]):
+            p.copy_(saved)
+    opt_b.load_state_dict(ckpt["optim"])
+    assert opt_b.state[ps_b[0]]["master"].dtype == torch.float32  # torch would have cast it to bf16
+    run(ps_b, opt_b, grads[4:])
+    for a, b in zip(ps_full, ps_b):
+        assert torch.equal(a, b)
+    for a, b in zip(ps_full, ps_b):
+        for k, v in opt_full.state[a].items():
+            assert torch.equal(v, opt_b.state[b][k]), k
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+def test_closure_and_zero_grad(cls):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = cls(model.parameters(), backend="foreach")
+    x = torch.randn(8, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    first = opt.step(closure)
+    assert isinstance(first, torch.Tensor)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+def test_settings_survive_reinit_with_param_groups(cls):
+    """hvd.DistributedOptimizer re-runs __init__ with only param_groups: nothing may revert to a default."""
+    model = torch.nn.Linear(4, 2)
+    opt = cls(param_groups(model, 0.05), lr=0.3, max_grad_norm=2.0, master_weights=True, backend="reference",
+              trust_clip=True)
+    again = type(opt)(opt.param_groups)
+    for g, h in zip(opt.param_groups, again.param_groups):
+        assert {k: v for k, v in g.items() if k != "params"} == {k: v for k, v in h.items() if k != "params"}
+    assert again.param_groups[0]["backend"] == "reference" and again._max_grad_norm() == 2.0
+
+
+def test_param_groups_recipe():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LayerNorm(4 * 6 * 6), torch.nn.Linear(144, 10))
+    model.pos_embed = torch.nn.Parameter(torch.zeros(1, 5, 4))
+    groups = param_groups(model, 0.01, skip=["pos_embed"], lr=0.2)
+    decay, no_decay = groups
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[4].weight)}
+    assert decay["weight_decay"] == 0.01 and decay["lr"] == 0.2
+    assert no_decay["weight_decay"] == 0.0 and no_decay["always_adapt"] is False
+    assert len(no_decay["params"]) == 7  # conv bias, bn w/b, ln w/b, fc bias, pos_embed
+    LAMB(groups)  # a valid input
+    # the excluded group gets neither decay nor a trust ratio
+    opt = LARS(groups, backend="reference")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert torch.equal(opt.trust_ratios[1], torch.ones_like(opt.trust_ratios[1]))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(backend="fast"), "backend='fast' is not supported; allowed"),
+    (dict(lr=-1.0), "lr=-1.0 must be >= 0"),
+    (dict(betas=(0.9, 1.0)), r"betas\[1\]=1.0 must be < 1"),
+    (dict(min_trust_ratio=2.0, max_trust_ratio=1.0), "min_trust_ratio=2.0 is larger"),
+    (dict(max_grad_norm=0.0), "max_grad_norm=0.0 must be > 0"),
+    (dict(trust_clip="yes"), "trust_clip='yes' must be True or False"),
+])
+def test_lamb_rejects_bad_arguments(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        LAMB([torch.zeros(2, requires_grad=True)], **bad)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(nesterov=True, momentum=0.0), "nesterov=True requires momentum > 0"),
+    (dict(trust_coefficient=0.0), "trust_coefficient=0.0 must be > 0"),
+])
+def test_lars_rejects_bad_arguments(bad, match):
+    with pytest.raises(ValueError, match=match):
+        LARS([torch.zeros(2, requires_grad=True)], **bad)
+
+
+def test_rejects_bad_inputs():
+    with pytest.raises(TypeError, match="complex"):
+        LAMB([torch.zeros(2, dtype=torch.complex64, requires_grad=True)])
+    with pytest.raises(ValueError, match="mixes devices"):
+        LAMB([torch.zeros(2, requires_grad=True), torch.zeros(2, device="meta", requires_grad=True)])
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = LAMB(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    with pytest.raises(ValueError, match="max_grad_norm is global"):
+        LAMB([{"params": [torch.zeros(2, requires_grad=True)], "max_grad_norm": 1.0},
+              {"params": [torch.zeros(2, requires_grad=True)]}]).step()
+
+
+def test_fused_lamb_is_apex_compatible():
+    params, grads = problem(steps=5)
+    expected = textbook_lamb(params, grads, weight_decay=0.0, always_adapt=True, max_grad_norm=1.0)
+    ps = [p.float().requires_grad_() for p in params]
+    opt = FusedLAMB(ps, lr=1e-2, weight_decay=0.0, use_nvlamb=True, backend="foreach")  # apex default max_grad_norm=1
+    for step_grads in grads:
+        for p, g in zip(ps, step_grads):
+            p.grad = g.float()
+        opt.step()
+    assert_close_list([p.detach().double() for p in ps], expected)
+    opt.zero_grad()
+    assert ps[0].grad is None
+    with pytest.raises(RuntimeError, match="AMSGrad"):
+        FusedLAMB(ps, amsgrad=True)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_larc_around_sgd_equals_lars(clip):
+    params, grads = problem(steps=10)
+    expected = textbook_lars(params, grads, lr=0.5, weight_decay=1e-4, trust_coefficient=0.02, trust_clip=clip)
+    ps = [p.float().requires_grad_() for p in params]
+    opt = LARC(torch.optim.SGD(ps, lr=0.5, momentum=0.9, weight_decay=1e-4), trust_coefficient=0.02, clip=clip,
+               backend="foreach")
+    for step_grads in grads:
+        for p, g in zip(ps, step_grads):
+            p.grad = g.float()
+        opt.step()
+    assert opt.param_groups[0]["weight_decay"] == 1e-4  # restored after the step
+    assert_close_list([p.detach().double() for p in ps], expected)
