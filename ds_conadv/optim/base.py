@@ -27,6 +27,17 @@ class SegmentLayout:
     fragments: List[List[tuple]]
     num_ids: int
     norm_hook: Optional[Callable[[Tensor], None]] = None
+    _ids_cache: Optional[tuple] = None
+
+    def device_ids(self, ids: List[int], device: torch.device) -> Tensor:
+        """The segment -> id table on ``device``, uploaded once (a fresh upload every step would be a copy)."""
+        key = (tuple(ids), str(device))
+        if self._ids_cache is None or self._ids_cache[0] != key:
+            table = torch.tensor(ids, dtype=torch.int64)
+            if device.type == "cuda":
+                table = table.pin_memory()
+            self._ids_cache = (key, table.to(device, non_blocking=True))
+        return self._ids_cache[1]
 
 
 def _check_float(name: str, value, low=None, high=None, low_open=False):
@@ -173,7 +184,7 @@ class TrustRatioOptimizer(Optimizer):
                 seg_steps.append(steps[k])
         device = params[0].device
         seg.steps = torch.stack(seg_steps) if seg_steps else torch.zeros(0, device=device)
-        seg.seg_ids = torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
+        seg.seg_ids = layout.device_ids(ids, device)
         seg.num_ids = layout.num_ids
         return seg, layout.norm_hook
 

@@ -40,6 +40,7 @@ LARS::
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -102,9 +103,9 @@ def bias_corrections(steps: Tensor, beta1: float, beta2: float, enabled: bool, d
     if not enabled:
         one = torch.ones_like(steps, dtype=dtype)
         return one, one
-    t = steps.to(torch.float64)
-    bc1 = -torch.expm1(t * torch.log(torch.tensor(beta1, dtype=torch.float64, device=t.device)))
-    bc2 = -torch.expm1(t * torch.log(torch.tensor(beta2, dtype=torch.float64, device=t.device)))
+    t = steps.to(torch.float64)  # python-float logs: no host->device copy in the step
+    bc1 = -torch.expm1(t * math.log(beta1)) if beta1 > 0 else torch.ones_like(t)
+    bc2 = -torch.expm1(t * math.log(beta2)) if beta2 > 0 else torch.ones_like(t)
     return bc1.to(dtype), bc2.to(dtype)
 
 
