@@ -1,6 +1,7 @@
 """What LAMB and LARS share: state, master weights, global clipping, GradScaler, segments, dispatch."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -73,7 +74,9 @@ class TrustRatioOptimizer(Optimizer):
         super().__init__(params, defaults)
         self._skipped_steps: Optional[Tensor] = None
         self.trust_ratios: List[Optional[Tensor]] = []
-        self._layouts: Dict[int, SegmentLayout] = {}
+        self._layouts: Dict[int, tuple] = {}  # id(first param) -> (param, layout)
+        self._own_params = {id(p) for g in self.param_groups for p in g["params"]}
+        self._ds_attached = False
         for group in self.param_groups:
             self._validate_group(group)
 
@@ -96,6 +99,7 @@ class TrustRatioOptimizer(Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "_layouts"):  # during __init__ the groups are validated once at the end
             self._validate_group(self.param_groups[-1])
+            self._own_params.update(id(p) for p in self.param_groups[-1]["params"])
 
     # -- public extras -------------------------------------------------------------------------------------
     @property
@@ -108,10 +112,11 @@ class TrustRatioOptimizer(Optimizer):
 
     def set_segment_layout(self, group_index: int, layout: Optional[SegmentLayout]) -> None:
         """Cut group ``group_index``'s params into norm segments (used by the DeepSpeed ZeRO integration)."""
-        if layout is None:
-            self._layouts.pop(group_index, None)
-            return
         params = self.param_groups[group_index]["params"]
+        key = id(params[0])
+        if layout is None:
+            self._layouts.pop(key, None)
+            return
         if len(layout.fragments) != len(params):
             raise ValueError(f"layout has {len(layout.fragments)} fragment lists for {len(params)} params")
         for p, frags in zip(params, layout.fragments):
@@ -119,7 +124,9 @@ class TrustRatioOptimizer(Optimizer):
                 if offset < 0 or numel < 0 or offset + numel > p.numel() or not 0 <= norm_id < layout.num_ids:
                     raise ValueError(f"fragment (offset={offset}, numel={numel}, id={norm_id}) does not fit a "
                                      f"param of {p.numel()} elements and {layout.num_ids} ids")
-        self._layouts[group_index] = layout
+        # keyed by the group's first param, not its index: DeepSpeed's ZeRO steps one group at a time by
+        # swapping ``param_groups`` for a one-element list
+        self._layouts[key] = (params[0], layout)
 
     # -- state ---------------------------------------------------------------------------------------------
     def _init_state(self, p: Tensor, group: dict) -> dict:
@@ -164,7 +171,8 @@ class TrustRatioOptimizer(Optimizer):
     def _segments(self, index: int, group: dict, params, grads, states, models, steps) -> tuple:
         """Turn a group's tensors into :class:`Segments` (+ norm hook), honouring a segment layout."""
         model_params = models if any(m is not None for m in models) else None
-        layout = self._layouts.get(index)
+        entry = self._layouts.get(id(group["params"][0])) if group["params"] else None
+        layout = entry[1] if entry is not None and entry[0] is group["params"][0] else None
         if layout is None:
             return F.Segments(params, grads, states, torch.stack(steps), model_params), None
         if len(params) != len(group["params"]):
@@ -227,7 +235,10 @@ class TrustRatioOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        state_init_only = self._check_wrapped()
         collected = [self._collect(i, g) for i, g in enumerate(self.param_groups)]
+        if state_init_only:
+            return loss
         kernels_per_group = [self._kernels(g, c[0]) for g, c in zip(self.param_groups, collected)]
         coef, skip = self._grad_coefficient(collected, kernels_per_group)
         self.trust_ratios = []
@@ -248,6 +259,34 @@ class TrustRatioOptimizer(Optimizer):
             counter = self.skipped_steps
             counter.add_(skip.to(counter.device, torch.int64))
         return loss
+
+    def _check_wrapped(self) -> bool:
+        """A wrapper (DeepSpeed ZeRO, fp16/bf16) that swapped our params for flat buffers would make every
+        trust ratio a ratio of slices: attach to it once (exact ratios) or refuse to step.
+
+        Returns True for DeepSpeed's fp16/bf16 (unfused) wrapper's state-initialisation call, a step with all-zero
+        gradients made inside its constructor: under a trust ratio it would shrink every tensor by ``lr``
+        (u = wd * p, r = 1 / wd), so that call only creates the state."""
+        if self._ds_attached:
+            return False
+        foreign = [g for g in self.param_groups if g["params"] and id(g["params"][0]) not in self._own_params
+                   and id(g["params"][0]) not in self._layouts]
+        if not foreign:
+            return False
+        if "deepspeed" in sys.modules:
+            from ds_conadv.integrations.deepspeed import auto_attach
+
+            wrapper = auto_attach(self)
+            if wrapper == "FP16_UnfusedOptimizer":
+                grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+                return bool(grads) and all(not g.any() for g in grads)
+            if wrapper:
+                return False
+        raise RuntimeError(
+            f"{type(self).__name__}'s params were replaced by tensors it was not built with (a flattening wrapper "
+            "such as DeepSpeed ZeRO?): trust ratios would be taken over flat slices. Call "
+            "ds_conadv.integrations.deepspeed.attach(engine) after deepspeed.initialize, or use "
+            "ds_conadv.initialize.")
 
     @staticmethod
     def _kernels(group: dict, params: List[Tensor]):

@@ -1,0 +1,1 @@
+"""Glue to DeepSpeed (``deepspeed``) and Horovod (``horovod``); imported lazily, neither is required."""

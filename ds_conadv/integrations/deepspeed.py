@@ -1,0 +1,232 @@
+"""DeepSpeed integration: JSON-selected LAMB/LARS and exact per-tensor trust ratios under ZeRO.
+
+``ds_conadv.initialize(...)`` is a drop-in for ``deepspeed.initialize``. It reads the DeepSpeed config (path,
+dict, or ``args.deepspeed_config``), takes ``"optimizer": {"type": "LAMB" | "LARS"}`` to mean *our*
+optimizers (DeepSpeed's own types pass through unchanged), validates our ``"conadv"`` section, and after
+DeepSpeed has wrapped the optimizer, calls :func:`attach` so trust ratios are exact.
+
+Why attach is needed: ZeRO 1/2 (and DeepSpeed's fp16/bf16 wrappers) flatten each param group into one fp32
+buffer and hand the optimizer only this rank's slice, cut at arbitrary element offsets. A per-tensor
+optimizer then takes its norms over that slice. ``attach`` gives our optimizer a :class:`SegmentLayout` per
+group: each original parameter's fragment in the slice (from DeepSpeed's ``_hp_mapping``) is a segment
+whose norm id is the parameter's index in the group; the per-id partial sums of squares are all-reduced
+over the data-parallel group once per group and step (one small collective), then the trust ratios are
+those of the whole tensors. A LAMB/LARS built by the user and passed to plain ``deepspeed.initialize``
+attaches itself at its first step (see :func:`auto_attach`).
+
+Gradient clipping: one clipping, done by DeepSpeed. Our ``max_grad_norm`` and DeepSpeed's
+``"gradient_clipping"`` are the same knob: give either (both only if equal). DeepSpeed computes the global
+norm over all partitions; our optimizer then runs with ``max_grad_norm=None``. If neither is given,
+DeepSpeed's own default (1.0 in DeepSpeed 0.19) applies, as it would for any optimizer.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import inspect
+import json
+import os
+import warnings
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ds_conadv.config import ConAdvConfig, ConfigError, optimizer_class, validate_optimizer_params
+from ds_conadv.optim import SegmentLayout, TrustRatioOptimizer, param_groups
+
+__all__ = ["initialize", "attach", "auto_attach", "load_config"]
+
+
+def load_config(args=None, config=None, config_params=None) -> Dict[str, Any]:
+    """The DeepSpeed config as a fresh dict, from ``config``/``config_params`` (dict or path) or ``args``."""
+    source = config if config is not None else config_params
+    if source is None and args is not None:
+        source = getattr(args, "deepspeed_config", None)
+    if source is None:
+        raise ConfigError("no DeepSpeed config: pass config= (dict or path) or args.deepspeed_config")
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            import hjson  # DeepSpeed accepts hjson; it is one of its requirements
+
+            return dict(hjson.loads(text))
+    if not isinstance(source, dict):
+        raise ConfigError(f"config must be a dict or a path, got {type(source).__name__}")
+    return copy.deepcopy(source)
+
+
+def _reconcile_clipping(config: dict, max_grad_norm: Optional[float]) -> None:
+    """Make DeepSpeed do the (single) global clipping that our max_grad_norm asks for."""
+    ds_clip = config.get("gradient_clipping")
+    if max_grad_norm is None:
+        return
+    if ds_clip is not None and float(ds_clip) != float(max_grad_norm):
+        raise ConfigError(f'"optimizer.params.max_grad_norm" = {max_grad_norm} and "gradient_clipping" = {ds_clip} '
+                          f"disagree; they are the same knob under DeepSpeed: give one, or equal values")
+    config["gradient_clipping"] = float(max_grad_norm)
+
+
+def _strip_own_clipping(optimizer: TrustRatioOptimizer) -> Optional[float]:
+    values = {g.get("max_grad_norm") for g in optimizer.param_groups}
+    if len(values) > 1:
+        raise ConfigError(f"max_grad_norm differs between param groups: {values}")
+    for g in optimizer.param_groups:
+        g["max_grad_norm"] = None
+    return values.pop() if values else None
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
+               mpu=None, dist_init_required=None, collate_fn=None, config=None, config_params=None, **kwargs):
+    """``deepspeed.initialize`` with ds_conadv's optimizers and sections. Same arguments, same return values."""
+    import deepspeed
+
+    cfg = load_config(args, config, config_params)
+    if args is not None and getattr(args, "deepspeed_config", None) is not None:
+        args = argparse.Namespace(**{**vars(args), "deepspeed_config": None})  # we pass the config ourselves
+    conadv = ConAdvConfig.from_section(cfg.pop("conadv", None))
+    if conadv.enabled:
+        raise ConfigError('"conadv.enabled": true needs the ConAdv engine, which this version does not have yet')
+
+    section = cfg.get("optimizer")
+    cls = optimizer_class(section.get("type", "")) if isinstance(section, dict) else None
+    if cls is not None:
+        if optimizer is not None:
+            raise ConfigError(f'both an optimizer= object and "optimizer": {{"type": "{section["type"]}"}} given; '
+                              f"DeepSpeed would silently drop the config one: give one of them")
+        unknown = set(section) - {"type", "params"}
+        if unknown:
+            raise ConfigError(f'unknown key "{sorted(unknown)[0]}" in "optimizer"; allowed keys: type, params')
+        kwargs_opt, grouping = validate_optimizer_params(cls, section.get("params"))
+        _reconcile_clipping(cfg, kwargs_opt.pop("max_grad_norm", None))
+        if model_parameters is None:
+            if model is None:
+                raise ConfigError("building the optimizer from the config needs model= or model_parameters=")
+            if grouping.get("exclude_norm_and_bias"):
+                default_wd = inspect.signature(cls).parameters["weight_decay"].default
+                model_parameters = param_groups(model, kwargs_opt.get("weight_decay", default_wd))
+            else:
+                model_parameters = [p for p in model.parameters() if p.requires_grad]
+        elif grouping.get("exclude_norm_and_bias"):
+            raise ConfigError('"exclude_norm_and_bias" builds the groups from model=; it cannot be combined with '
+                              "model_parameters=")
+        optimizer = cls(model_parameters, **kwargs_opt)
+        del cfg["optimizer"]
+    if isinstance(optimizer, TrustRatioOptimizer):
+        _reconcile_clipping(cfg, _strip_own_clipping(optimizer))
+        if cfg.get("zero_optimization", {}).get("stage", 0):
+            cfg.setdefault("zero_allow_untested_optimizer", True)
+
+    engine, opt, loader, sched = deepspeed.initialize(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
+        lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
+        config=cfg, **kwargs)
+    attach(engine)
+    engine.ds_conadv_config = conadv
+    return engine, opt, loader, sched
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exact trust ratios under DeepSpeed's flattening wrappers
+# ----------------------------------------------------------------------------------------------------------
+def _find_trust_optimizer(obj) -> Optional[TrustRatioOptimizer]:
+    seen = set()
+    while obj is not None and id(obj) not in seen:
+        if isinstance(obj, TrustRatioOptimizer):
+            return obj
+        seen.add(id(obj))
+        obj = getattr(obj, "optimizer", None)
+    return None
+
+
+def _all_reduce_hook(process_group):
+    from deepspeed import comm as dist
+
+    def hook(sums: torch.Tensor) -> None:
+        dist.all_reduce(sums, group=process_group)
+
+    return hook
+
+
+def _fragments_from_hp_mapping(lp_params: List[torch.Tensor]) -> List[tuple]:
+    frags = []
+    for index, lp in enumerate(lp_params):
+        mapping = getattr(lp, "_hp_mapping", None)
+        if mapping is None:
+            continue
+        address = mapping.get_hp_fragment_address()
+        frags.append((int(address.start), int(address.numel), index))
+    return frags
+
+
+def _contiguous_fragments(lp_params: List[torch.Tensor]) -> List[tuple]:
+    frags, offset = [], 0
+    for index, lp in enumerate(lp_params):
+        frags.append((offset, lp.numel(), index))
+        offset += lp.numel()
+    return frags
+
+
+def _set_layout(trust: TrustRatioOptimizer, flat: torch.Tensor, fragments: List[tuple], num_ids: int, hook) -> None:
+    for index, group in enumerate(trust.param_groups):
+        if group["params"] and group["params"][0] is flat:
+            trust.set_segment_layout(index, SegmentLayout([fragments], num_ids, hook))
+            return
+    raise RuntimeError("DeepSpeed's flat partition is not among the optimizer's param groups")
+
+
+def attach(engine_or_optimizer) -> Optional[TrustRatioOptimizer]:
+    """Give our optimizer inside a DeepSpeed engine its segment layouts (exact trust ratios). Idempotent.
+
+    Returns the LAMB/LARS found, or ``None`` if the engine runs another optimizer.
+    """
+    is_engine = hasattr(engine_or_optimizer, "module") and hasattr(engine_or_optimizer, "optimizer")
+    wrapper = engine_or_optimizer.optimizer if is_engine else engine_or_optimizer
+    trust = _find_trust_optimizer(wrapper)
+    if trust is None:
+        return None
+    name = type(wrapper).__name__
+    if wrapper is trust or name == "FP16_UnfusedOptimizer":
+        # stage 0: fp32 runs hand our optimizer the real tensors, fp16/bf16 per-tensor fp32 copies
+        trust._ds_attached = True
+        return trust
+    if name == "DeepSpeedZeroOptimizer":  # ZeRO stage 1/2
+        for i, lp_params in enumerate(wrapper.bit16_groups):
+            _set_layout(trust, wrapper.single_partition_of_fp32_groups[i], _fragments_from_hp_mapping(lp_params),
+                        len(lp_params), _all_reduce_hook(wrapper.real_dp_process_group[i]))
+    elif name == "BF16_Optimizer":  # bf16 params, fp32 grad accumulation, ZeRO stage 1
+        for i, lp_params in enumerate(wrapper.bf16_groups):
+            _set_layout(trust, wrapper.fp32_groups_flat_partition[i], _fragments_from_hp_mapping(lp_params),
+                        len(lp_params), _all_reduce_hook(wrapper.real_dp_process_group[i]))
+    elif name == "FP16_Optimizer":  # fp16/bf16 without ZeRO: one flat fp32 copy per group, not partitioned
+        for i, lp_params in enumerate(wrapper.fp16_groups):
+            _set_layout(trust, wrapper.fp32_groups_flat[i], _contiguous_fragments(lp_params), len(lp_params), None)
+    elif name == "DeepSpeedZeroOptimizer_Stage3":
+        raise NotImplementedError(
+            "ds_conadv LAMB/LARS under ZeRO stage 3 is not supported yet: stage 3 partitions every parameter "
+            "and its trust ratio would be computed over a slice. Use ZeRO stage 0, 1 or 2.")
+    else:
+        raise NotImplementedError(f"ds_conadv cannot make trust ratios exact under DeepSpeed's {name}; supported: "
+                                  "no wrapper (fp32), FP16_Optimizer, BF16_Optimizer, ZeRO stage 1 and 2")
+    trust._ds_attached = True
+    return trust
+
+
+def auto_attach(trust: TrustRatioOptimizer) -> Optional[str]:
+    """Called by our optimizer's first step when a wrapper has replaced its params by flat buffers (a
+    LAMB/LARS passed as ``optimizer=`` to plain ``deepspeed.initialize``): find the engine's wrapper through
+    the garbage collector's referrer links and attach. Returns the wrapper's class name, or None."""
+    wrappers = ("DeepSpeedZeroOptimizer", "BF16_Optimizer", "FP16_Optimizer", "FP16_UnfusedOptimizer",
+                "DeepSpeedZeroOptimizer_Stage3")
+    candidates = []
+    for ref in gc.get_referrers(trust):
+        # the wrapper holds us in ``self.optimizer``: the referrer is the wrapper or its __dict__
+        candidates += [ref] + (gc.get_referrers(ref) if isinstance(ref, dict) else [])
+    for obj in candidates:
+        if type(obj).__name__ in wrappers and getattr(obj, "optimizer", None) is trust:
+            attach(obj)
+            return type(obj).__name__
+    return None

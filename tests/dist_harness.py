@@ -1,0 +1,75 @@
+"""Start real rank processes (plain spawn, torchrun, or the deepspeed launcher) with a hard timeout."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env() -> dict:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None) if env.get("DS_CONADV_KEEP_TRITON") is None else None
+    return env
+
+
+def _run(cmd: List[str], env: dict, timeout: float, cwd: Optional[Path] = None) -> str:
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}") from None
+    if proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {' '.join(cmd)}\n--- stdout\n{proc.stdout[-6000:]}\n"
+                             f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc.stdout
+
+
+def spawn(script: str, args: List[str], world_size: int = 2, timeout: float = 300) -> List[str]:
+    """Start ``world_size`` processes of ``tests/workers/<script>`` with torch.distributed env vars."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = base_env()
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(WORKERS / script), *args], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            outputs.append(out)
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        raise AssertionError(f"{script} {' '.join(args)} timed out after {timeout}s") from None
+    for rank, (proc, out) in enumerate(zip(procs, outputs)):
+        if proc.returncode != 0:
+            raise AssertionError(f"rank {rank} of {script} {' '.join(args)} exited {proc.returncode}:\n{out[-8000:]}")
+    return outputs
+
+
+def torchrun(script: str, args: List[str], nproc: int = 2, timeout: float = 300) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           str(WORKERS / script), *args]
+    return _run(cmd, base_env(), timeout)
+
+
+def deepspeed_launcher(script: str, args: List[str], nproc: int = 2, timeout: float = 300) -> str:
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), f"--num_gpus={nproc}", f"--master_port={free_port()}", str(WORKERS / script), *args]
+    return _run(cmd, base_env(), timeout)

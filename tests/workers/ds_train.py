@@ -1,0 +1,87 @@
+"""One rank of a small DeepSpeed training run with ds_conadv's LAMB/LARS; writes the final params.
+
+Usage: ds_train.py --stage S --optimizer lamb|lars --dtype fp32|bf16 --steps N --out FILE
+       [--plain] [--save-at K --ckpt DIR] [--resume DIR] [--detach]
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import deepspeed
+
+# The CPU accelerator JIT-builds a shared-memory all-reduce op (~95 s) that only inference uses; the tests do
+# not need it, so keep it out of the test run.
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+import ds_conadv  # noqa: E402
+from ds_conadv.integrations import deepspeed as ds_integration  # noqa: E402
+from ds_problem import GLOBAL_BATCH, batch, make_model, optimizer_params  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", type=int, default=0)
+    ap.add_argument("--optimizer", default="lamb")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--plain", action="store_true", help="build LAMB ourselves, plain deepspeed.initialize")
+    ap.add_argument("--detach", action="store_true", help="drop the segment layouts (naive per-slice ratios)")
+    ap.add_argument("--save-at", type=int, default=None)
+    ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--resume", default=None)
+    ap.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    model = make_model()
+    params = optimizer_params(args.optimizer)
+    config = {
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+        "zero_optimization": {"stage": args.stage},
+        "steps_per_print": 10**9,
+    }
+    if args.dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    if args.plain:
+        opt_cls = ds_conadv.optim.LAMB if args.optimizer == "lamb" else ds_conadv.optim.LARS
+        mgn = params.pop("max_grad_norm")
+        optimizer = opt_cls(model.parameters(), **params)
+        config.update(gradient_clipping=mgn, zero_allow_untested_optimizer=True)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    else:
+        config["optimizer"] = {"type": args.optimizer.upper(), "params": params}
+        engine, *_ = ds_conadv.initialize(model=model, model_parameters=model.parameters(), config=config)
+    trust = ds_integration._find_trust_optimizer(engine.optimizer)
+    if args.detach:
+        trust._layouts.clear()
+        trust._ds_attached = True
+    start = 0
+    if args.resume:
+        engine.load_checkpoint(args.resume)
+        start = engine.global_steps
+    for step in range(start, args.steps):
+        x, y = batch(step, rank, world)
+        x = x.to(next(engine.module.parameters()).dtype)
+        loss = torch.nn.functional.mse_loss(engine(x).float(), y)
+        engine.backward(loss)
+        engine.step()
+        if args.save_at is not None and step + 1 == args.save_at:
+            engine.save_checkpoint(args.ckpt)
+            if args.steps == args.save_at:
+                break
+    full = {}
+    for name, p in engine.module.named_parameters():
+        value = deepspeed.utils.safe_get_full_fp32_param(p) if args.stage else None
+        full[name] = (value if value is not None else p.detach()).float().reshape(-1).tolist()
+    json.dump({"rank": rank, "params": full, "attached": trust._ds_attached,
+               "wrapper": type(engine.optimizer).__name__}, open(f"{args.out}.rank{rank}", "w"))
+
+
+if __name__ == "__main__":
+    main()
