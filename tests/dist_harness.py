@@ -22,7 +22,7 @@ def base_env() -> dict:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]))
-    env.pop("TRITON_INTERPRET", None) if env.get("DS_CONADV_KEEP_TRITON") is None else None
+    env.pop("TRITON_INTERPRET", None)  # the rank processes run the CPU backends
     return env
 
 

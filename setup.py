@@ -1,0 +1,91 @@
+"""Packaging for ds_conadv.
+
+The top-level ``kernels/`` directory is installed as the subpackage
+``ds_conadv.kernels`` (never as a bare top-level ``kernels`` module), together
+with every subpackage under it (``ds_conadv.kernels.triton``,
+``ds_conadv.kernels.cuda``, ...) and the CUDA sources in ``kernels/cuda``.
+
+Install torch first (``pip install torch==2.13.0``): an unpinned torch
+requirement resolved before that can pull the CUDA wheels.
+"""
+import os
+import re
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version():
+    with open(os.path.join(HERE, "ds_conadv", "__init__.py"), encoding="utf-8") as f:
+        m = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', f.read(), re.M)
+    return m.group(1) if m else "0.0.0"
+
+
+def _kernel_packages():
+    """``ds_conadv.kernels`` plus every directory below kernels/ that holds code.
+
+    A directory counts when it has an ``__init__.py`` or CUDA/C++ sources
+    (so ``kernels/cuda`` is packaged even before it gets an ``__init__.py``).
+    """
+    root = os.path.join(HERE, "kernels")
+    pkgs = ["ds_conadv.kernels"]
+    if not os.path.isdir(root):
+        return pkgs, {}
+    dirs = {"ds_conadv.kernels": "kernels"}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__pycache__")))
+        rel = os.path.relpath(dirpath, root)
+        if rel == ".":
+            continue
+        has_code = "__init__.py" in filenames or any(
+            f.endswith((".py", ".cu", ".cuh", ".cpp", ".h")) for f in filenames)
+        if has_code:
+            name = "ds_conadv.kernels." + rel.replace(os.sep, ".")
+            pkgs.append(name)
+            dirs[name] = "kernels/" + rel.replace(os.sep, "/")
+    return pkgs, dirs
+
+
+_kpkgs, _kdirs = _kernel_packages()
+_packages = find_packages(include=["ds_conadv", "ds_conadv.*"]) + _kpkgs
+_package_dir = {"ds_conadv.kernels": "kernels"}
+_package_dir.update(_kdirs)
+
+_readme = os.path.join(HERE, "README.md")
+_long_description = open(_readme, encoding="utf-8").read() if os.path.exists(_readme) else ""
+
+TRITON = "triton==3.7.1"
+DEEPSPEED = "deepspeed==0.19.8"  # its torch requirement is met by the torch installed first
+KERNEL_SOURCES = ["*.cu", "*.cuh", "*.cpp", "*.h"]
+
+setup(
+    name="ds_conadv",
+    version=_version(),
+    description=("Fused LAMB/LARS optimizers and ConAdv concurrent adversarial "
+                 "large-batch training for DeepSpeed and Horovod"),
+    long_description=_long_description,
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=_packages,
+    package_dir=_package_dir,
+    # CUDA/C++ sources ship with every kernels package (JIT-built at run time).
+    package_data={name: KERNEL_SOURCES for name in _kpkgs + ["ds_conadv.kernels.cuda"]},
+    install_requires=[
+        "torch>=2.1",
+        "numpy",
+        "pydantic>=2",
+        "tqdm",
+    ],
+    extras_require={
+        "triton": [TRITON],
+        "deepspeed": [DEEPSPEED],
+        "test": ["pytest", "pytest-timeout", "scikit-learn", "matplotlib", TRITON, DEEPSPEED],
+        # timm requires torchvision, which is broken beside torch 2.13 here:
+        # install it with `pip install --no-deps timm` (benchmarks load its
+        # optim files directly, without importing the timm package).
+        "bench": ["timm"],
+    },
+    entry_points={"console_scripts": ["ds-conadv = ds_conadv.cli:main"]},
+    zip_safe=False,
+)

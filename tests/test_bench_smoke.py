@@ -1,0 +1,98 @@
+"""benchmarks/optim_step.py at tiny scale: runs, writes its JSON and markdown section."""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = os.path.join(ROOT, "benchmarks", "optim_step.py")
+    spec = importlib.util.spec_from_file_location("optim_step_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+def test_paramset_shapes(bench):
+    r50 = bench.resnet50_shapes()
+    assert len(r50) == 161 and sum(math.prod(s) for s in r50) == 25_557_032
+    bert = bench.bert_large_shapes()
+    assert len(bert) == 391 and sum(math.prod(s) for s in bert) == 335_141_888
+    small = bench.scaled_shapes(r50, 0.01)
+    assert len(small) == 161 and abs(sum(math.prod(s) for s in small) - 255_570) < 200
+
+
+def test_smoke_run_writes_json_and_markdown(bench, tmp_path):
+    out, md = tmp_path / "r.json", tmp_path / "bench.md"
+    md.write_text("# Benchmarks\n\nintro\n")
+    argv = ["--device", "cpu", "--paramset", "resnet50", "--scale", "0.002", "--steps", "2", "--warmup", "1",
+            "--threads", "1", "--backends", "foreach", "--only", "LAMB[foreach],AdamW(foreach)",
+            "--json", str(out), "--markdown", str(md)]
+    assert bench.main(argv) == 0
+    rep = json.loads(out.read_text())
+    for key in ("device", "paramset", "dtype", "n_tensors", "n_params", "steps", "machine", "results",
+                "skipped", "baseline", "key"):
+        assert key in rep, key
+    assert rep["device"] == "cpu" and rep["paramset"] == "resnet50" and rep["dtype"] == "fp32"
+    assert rep["n_tensors"] == 161 and rep["key"] == "cpu/resnet50@0.002/fp32"
+    names = [r["name"] for r in rep["results"]]
+    assert names == ["LAMB[foreach]", "AdamW(foreach)"], rep["skipped"]
+    for r in rep["results"]:
+        assert len(r["times_ms"]) == 2 and 0 < r["min_ms"] <= r["median_ms"]
+        assert r["gbps"] > 0 and r["finite"]
+        assert r["ratio_vs_baseline"] is not None
+    lamb = rep["results"][0]
+    # LAMB moves at least param r+w, grad r, exp_avg and exp_avg_sq r+w: 7 fp32 words per param
+    assert lamb["bytes_per_param"] >= 28
+    assert rep["results"][1]["ratio_vs_baseline"] == pytest.approx(1.0)
+    text = md.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n")
+    assert text.count("<!-- optim_step:BEGIN cpu/resnet50@0.002/fp32 -->") == 1
+    assert "| LAMB[foreach] |" in text
+    # a second run replaces its section instead of appending another
+    assert bench.main(argv + ["--no-json"]) == 0
+    text2 = md.read_text()
+    assert text2.count("<!-- optim_step:BEGIN cpu/resnet50@0.002/fp32 -->") == 1
+    assert text2.count("<!-- optim_step:END cpu/resnet50@0.002/fp32 -->") == 1
+
+
+def test_missing_contender_is_skipped_not_fatal(bench, tmp_path):
+    out = tmp_path / "r.json"
+    argv = ["--device", "cpu", "--scale", "0.001", "--steps", "1", "--warmup", "0", "--threads", "1",
+            "--backends", "no-such-backend", "--only", "LAMB[*],AdamW(foreach),deepspeed.*",
+            "--json", str(out)]
+    assert bench.main(argv) == 0
+    rep = json.loads(out.read_text())
+    skipped = {s["name"]: s["reason"] for s in rep["skipped"]}
+    assert "LAMB[no-such-backend]" in skipped and skipped["deepspeed.FusedLamb"] == "CUDA only"
+    assert [r["name"] for r in rep["results"]] == ["AdamW(foreach)"]
+
+
+def test_timm_optimizers_load_without_importing_timm(bench):
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm not installed (pip install --no-deps timm)")
+    import torch
+
+    lamb = bench.load_timm_optim("lamb")
+    lars = bench.load_timm_optim("lars")
+    assert "timm" not in sys.modules or hasattr(sys.modules["timm"], "__file__")
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.full((4,), 0.5)
+    for opt in (lamb.Lamb([p], lr=0.1), lars.Lars([p], lr=0.1)):
+        opt.step()
+    assert torch.isfinite(p).all()
+
+
+def test_cli_bench_forwards_arguments(capsys):
+    from ds_conadv import cli
+
+    assert cli.main(["bench", "--list", "--backends", "foreach", "--only", "LAMB[*],AdamW(*)"]) == 0
+    assert capsys.readouterr().out.split() == ["LAMB[foreach]", "AdamW(foreach)", "AdamW(fused)"]
