@@ -85,8 +85,12 @@ def test_plain_deepspeed_initialize_attaches_itself(tmp_path):
 
 def test_bf16_stages_agree(tmp_path):
     results = {s: _params(run(tmp_path, f"bf16_{s}", "--stage", str(s), "--dtype", "bf16")) for s in (0, 1, 2)}
-    for s in (1, 2):
-        _assert_params_close(results[s], results[0], f"bf16 ZeRO-{s} vs ZeRO-0", rtol=2e-2, atol=2e-3)
+    # ZeRO 1 and 2 keep the same fp32 master partitions: identical; ZeRO 0 (DeepSpeed's unfused bf16 wrapper)
+    # reduces bf16 gradients differently: measured 3.4e-3 of the largest weight (naive slices: 1.4)
+    _assert_params_close(results[2], results[1], "bf16 ZeRO-2 vs ZeRO-1", rtol=0, atol=0)
+    for name, value in results[0].items():
+        scale = float(value.abs().max())
+        torch.testing.assert_close(results[1][name], value, rtol=0, atol=1e-2 * scale)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
