@@ -59,13 +59,13 @@ def run(tmp_path, tag, *args, world=2):
 def test_zero_stages_equal_single_process(tmp_path, name):
     expected = single_process(name)
     wrappers = {}
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         result = run(tmp_path, f"{name}{stage}", "--stage", str(stage), "--optimizer", name)
         assert result["attached"]
         wrappers[stage] = result["wrapper"]
         _assert_params_close(_params(result), expected, f"{name} ZeRO-{stage} vs single process")
-    assert wrappers == {0: name.upper(),
-                        1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer"}
+    assert wrappers == {0: name.upper(), 1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer",
+                        3: "DeepSpeedZeroOptimizer_Stage3"}
 
 
 def test_naive_slices_would_differ(tmp_path):
@@ -93,7 +93,7 @@ def test_bf16_stages_agree(tmp_path):
         torch.testing.assert_close(results[1][name], value, rtol=0, atol=1e-2 * scale)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_checkpoint_resume_equals_uninterrupted(tmp_path, stage):
     full = _params(run(tmp_path, f"full{stage}", "--stage", str(stage), "--steps", "6"))
     ckpt = str(tmp_path / f"ckpt{stage}")

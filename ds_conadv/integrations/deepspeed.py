@@ -205,12 +205,27 @@ def attach(engine_or_optimizer) -> Optional[TrustRatioOptimizer]:
         for i, lp_params in enumerate(wrapper.fp16_groups):
             _set_layout(trust, wrapper.fp32_groups_flat[i], _contiguous_fragments(lp_params), len(lp_params), None)
     elif name == "DeepSpeedZeroOptimizer_Stage3":
-        raise NotImplementedError(
-            "ds_conadv LAMB/LARS under ZeRO stage 3 is not supported yet: stage 3 partitions every parameter "
-            "and its trust ratio would be computed over a slice. Use ZeRO stage 0, 1 or 2.")
+        if getattr(wrapper, "offload_optimizer", False):
+            raise NotImplementedError("ds_conadv LAMB/LARS under ZeRO stage 3 with optimizer offload is not supported "
+                                      "(its sub-groups step on a backup optimizer); use it without offload_optimizer")
+        from deepspeed import comm as dist
+
+        hook = _all_reduce_hook(wrapper.dp_process_group)
+        rank = dist.get_rank(group=wrapper.dp_process_group)
+        for sub_group, flat in zip(wrapper.fp16_groups, wrapper.fp32_partitioned_groups_flat):
+            # every param is split evenly over the ranks; this rank's piece sits at a running offset in the
+            # sub-group's flat buffer, followed by padding on the last rank
+            fragments, offset = [], 0
+            for index, param in enumerate(sub_group):
+                part = param.partition_numel()
+                valid = max(0, min(part, param.ds_numel - rank * part))
+                if valid:
+                    fragments.append((offset, valid, index))
+                offset += part
+            trust.set_segment_layout(flat, SegmentLayout([fragments], len(sub_group), hook))
     else:
         raise NotImplementedError(f"ds_conadv cannot make trust ratios exact under DeepSpeed's {name}; supported: "
-                                  "no wrapper (fp32), FP16_Optimizer, BF16_Optimizer, ZeRO stage 1 and 2")
+                                  "no wrapper (fp32), FP16_Optimizer, BF16_Optimizer, ZeRO stage 1, 2 and 3")
     trust._ds_attached = True
     return trust
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -110,9 +110,13 @@ class TrustRatioOptimizer(Optimizer):
             self._skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         return self._skipped_steps
 
-    def set_segment_layout(self, group_index: int, layout: Optional[SegmentLayout]) -> None:
-        """Cut group ``group_index``'s params into norm segments (used by the DeepSpeed ZeRO integration)."""
-        params = self.param_groups[group_index]["params"]
+    def set_segment_layout(self, group: Union[int, Tensor], layout: Optional[SegmentLayout]) -> None:
+        """Cut a group's params into norm segments (used by the DeepSpeed ZeRO integration).
+
+        ``group`` is a group index, or the (flat) tensor that will be the group's first param when it steps
+        (ZeRO 3 puts its flat partitions into the groups only for the duration of the step).
+        """
+        params = [group] if isinstance(group, Tensor) else self.param_groups[group]["params"]
         key = id(params[0])
         if layout is None:
             self._layouts.pop(key, None)
