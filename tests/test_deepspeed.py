@@ -12,7 +12,7 @@ from dist_harness import deepspeed_launcher, spawn, torchrun  # noqa: E402
 from workers.ds_problem import batch, make_model, optimizer_params  # noqa: E402
 
 from ds_conadv.config import ConfigError  # noqa: E402
-from ds_conadv.optim import LAMB, LARS  # noqa: E402
+from ds_conadv.optim import LAMB, LARS, param_groups  # noqa: E402
 
 FP32_TOL = dict(rtol=2e-5, atol=2e-6)
 
@@ -36,7 +36,9 @@ def single_process(name: str, steps: int = 6):
     """Our optimizer without DeepSpeed, on the global batch, with the same single clipping."""
     model = make_model()
     params = optimizer_params(name)
-    opt = (LAMB if name == "lamb" else LARS)(model.parameters(), **params)
+    groups = param_groups(model, params["weight_decay"]) if params.pop("exclude_norm_and_bias", False) else \
+        model.parameters()
+    opt = (LAMB if name == "lamb" else LARS)(groups, **params)
     for step in range(steps):
         x, y = batch(step)
         opt.zero_grad()

@@ -171,11 +171,8 @@ def _contiguous_fragments(lp_params: List[torch.Tensor]) -> List[tuple]:
 
 
 def _set_layout(trust: TrustRatioOptimizer, flat: torch.Tensor, fragments: List[tuple], num_ids: int, hook) -> None:
-    for index, group in enumerate(trust.param_groups):
-        if group["params"] and group["params"][0] is flat:
-            trust.set_segment_layout(index, SegmentLayout([fragments], num_ids, hook))
-            return
-    raise RuntimeError("DeepSpeed's flat partition is not among the optimizer's param groups")
+    # keyed by the flat tensor: DeepSpeed steps one group at a time with ``param_groups`` swapped
+    trust.set_segment_layout(flat, SegmentLayout([fragments], num_ids, hook))
 
 
 def attach(engine_or_optimizer) -> Optional[TrustRatioOptimizer]:
@@ -222,7 +219,7 @@ def attach(engine_or_optimizer) -> Optional[TrustRatioOptimizer]:
                 if valid:
                     fragments.append((offset, valid, index))
                 offset += part
-            trust.set_segment_layout(flat, SegmentLayout([fragments], len(sub_group), hook))
+            _set_layout(trust, flat, fragments, len(sub_group), hook)
     else:
         raise NotImplementedError(f"ds_conadv cannot make trust ratios exact under DeepSpeed's {name}; supported: "
                                   "no wrapper (fp32), FP16_Optimizer, BF16_Optimizer, ZeRO stage 1, 2 and 3")

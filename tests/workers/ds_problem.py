@@ -22,6 +22,6 @@ def batch(step: int, rank: int = 0, world: int = 1):
 
 
 def optimizer_params(name: str) -> dict:
-    if name == "lamb":
-        return dict(lr=0.02, weight_decay=0.01, max_grad_norm=0.5, backend="foreach")
+    if name == "lamb":  # two groups (norm weights and biases excluded): the layouts are per group
+        return dict(lr=0.02, weight_decay=0.01, max_grad_norm=0.5, backend="foreach", exclude_norm_and_bias=True)
     return dict(lr=2.0, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02, max_grad_norm=0.5, backend="foreach")

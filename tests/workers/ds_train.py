@@ -51,12 +51,14 @@ def main():
     if args.plain:
         opt_cls = ds_conadv.optim.LAMB if args.optimizer == "lamb" else ds_conadv.optim.LARS
         mgn = params.pop("max_grad_norm")
-        optimizer = opt_cls(model.parameters(), **params)
+        groups = (ds_conadv.optim.param_groups(model, params["weight_decay"]) if params.pop("exclude_norm_and_bias", False)
+                  else model.parameters())
+        optimizer = opt_cls(groups, **params)
         config.update(gradient_clipping=mgn, zero_allow_untested_optimizer=True)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     else:
         config["optimizer"] = {"type": args.optimizer.upper(), "params": params}
-        engine, *_ = ds_conadv.initialize(model=model, model_parameters=model.parameters(), config=config)
+        engine, *_ = ds_conadv.initialize(model=model, config=config)
     trust = ds_integration._find_trust_optimizer(engine.optimizer)
     if args.detach:
         trust._layouts.clear()
