@@ -255,8 +255,10 @@ class TrustRatioOptimizer(Optimizer):
             g_coef = None if coef is None else coef.to(device)
             g_skip = None if skip is None else skip.to(device)
             # the step counter only advances on steps that are applied
-            increment = 1 if g_skip is None else (~g_skip).to(torch.float32)
-            torch._foreach_add_(steps, increment)
+            if g_skip is None:
+                torch._foreach_add_(steps, 1)
+            else:  # a list of 0-d device tensors: the single-tensor-scalar overload syncs on CUDA
+                torch._foreach_add_(steps, [(~g_skip).to(torch.float32)] * len(steps))
             seg, hook = self._segments(index, group, params, grads, states, models, steps)
             self.trust_ratios.append(self._update(group, seg, kernels, g_coef, g_skip, hook))
         if skip is not None:
