@@ -59,6 +59,28 @@ TRITON = "triton==3.7.1"
 DEEPSPEED = "deepspeed==0.19.8"  # its torch requirement is met by the torch installed first
 KERNEL_SOURCES = ["*.cu", "*.cuh", "*.cpp", "*.h"]
 
+
+def _cuda_extension():
+    """With DS_CONADV_BUILD_CUDA=1, compile the CUDA kernels at install into ds_conadv.kernels.cuda._dsc_ext
+    (which the backend imports before trying its JIT build). Needs a CUDA build of torch and nvcc; install with
+    ``pip install --no-build-isolation`` so the build sees that torch."""
+    if os.environ.get("DS_CONADV_BUILD_CUDA", "0") != "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    if torch.version.cuda is None:
+        raise SystemExit(f"DS_CONADV_BUILD_CUDA=1 needs a CUDA build of torch; this one is {torch.__version__} "
+                         "(the kernels still build on first use on a CUDA machine)")
+    flags = ["-O3", "-std=c++17"]  # kernels/cuda/__init__.py EXTRA_CFLAGS / EXTRA_CUDA_CFLAGS
+    ext = CUDAExtension("ds_conadv.kernels.cuda._dsc_ext",
+                        ["kernels/cuda/dsc_binding.cpp", "kernels/cuda/dsc_kernels.cu"],
+                        extra_compile_args={"cxx": flags, "nvcc": flags})
+    return [ext], {"build_ext": BuildExtension}
+
+
+_ext_modules, _cmdclass = _cuda_extension()
+
 setup(
     name="ds_conadv",
     version=_version(),
@@ -87,5 +109,7 @@ setup(
         "bench": ["timm"],
     },
     entry_points={"console_scripts": ["ds-conadv = ds_conadv.cli:main"]},
+    ext_modules=_ext_modules,
+    cmdclass=_cmdclass,
     zip_safe=False,
 )
