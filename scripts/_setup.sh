@@ -36,19 +36,21 @@ if [ "${DS_CONADV_FORCE_SETUP:-0}" != "1" ] && [ -f "$STAMP" ] && [ "$(cat "$STA
     :  # up to date
 else
     PIP=("$VPY" -m pip --disable-pip-version-check)
-    [ "${CI:-}" = "true" ] && PIP+=(--progress-bar off) || true
+    # install-only options go after the subcommand
+    INSTALL=(install)
+    [ "${CI:-}" = "true" ] && INSTALL+=(--progress-bar off) || true
     # 2. torch first, alone.
     have="$("$VPY" -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null || true)"
     if [ "$have" != "$TORCH_VERSION" ]; then
         _log "installing torch==$TORCH_VERSION (first, alone)"
-        "${PIP[@]}" install "torch==$TORCH_VERSION"
+        "${PIP[@]}" "${INSTALL[@]}" "torch==$TORCH_VERSION"
     else
         _log "torch $have already installed"
     fi
     # 3. the package (editable) with the test extra, then timm without deps.
     _log "installing ds_conadv (editable) with [test] extras"
-    "${PIP[@]}" install -e "$ROOT[test]"
-    "${PIP[@]}" install --no-deps "timm==$TIMM_VERSION" || _log "timm not installed (optional: benchmarks only)"
+    "${PIP[@]}" "${INSTALL[@]}" -e "$ROOT[test]"
+    "${PIP[@]}" "${INSTALL[@]}" --no-deps "timm==$TIMM_VERSION" || _log "timm not installed (optional: benchmarks only)"
     have="$("$VPY" -c "import torch; print(torch.__version__.split('+')[0])")"
     if [ "$have" != "$TORCH_VERSION" ]; then
         _log "ERROR: torch is $have after install, expected $TORCH_VERSION"; exit 1
