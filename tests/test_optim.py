@@ -318,3 +318,35 @@ def test_larc_around_sgd_equals_lars(clip):
         opt.step()
     assert opt.param_groups[0]["weight_decay"] == 1e-4  # restored after the step
     assert_close_list([p.detach().double() for p in ps], expected)
+
+
+def test_auto_falls_back_once_with_the_reason(monkeypatch):
+    from ds_conadv.optim import backends
+
+    real_load = backends._load
+
+    def failing(name, device):
+        if name == "cpp":
+            raise RuntimeError("nvcc/g++ exploded")
+        return real_load(name, device)
+
+    monkeypatch.setattr(backends, "_load", failing)
+    monkeypatch.setattr(backends, "_cache", {})
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(RuntimeWarning, match=r"uses 'foreach'; skipped cpp: .*nvcc/g\+\+ exploded"):
+        assert get_kernels("auto", torch.device("cpu")).name == "foreach"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert get_kernels("auto", torch.device("cpu")).name == "foreach"  # cached: no second warning
+    with pytest.raises(backends.BackendUnavailable, match="nvcc/g"):
+        get_kernels("cpp", torch.device("cpu"))
+
+
+def test_fp64_params_take_fp64_math_under_auto():
+    p = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    opt = LAMB([p])
+    p.grad = torch.randn(5, dtype=torch.float64)
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.float64
