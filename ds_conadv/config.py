@@ -10,9 +10,10 @@ Every error names the section, the bad key or value, and what is allowed.
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar, Dict, Optional, Tuple, Type
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Tuple, Type
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -50,10 +51,125 @@ class SectionModel(BaseModel):
 
 
 class ConAdvConfig(SectionModel):
-    """The ``"conadv"`` section. Its training fields arrive with the ConAdv engine; ``enabled`` exists now."""
+    """The ``"conadv"`` section: concurrent adversarial learning (Liu et al., ICLR 2022). See docs/conadv.md.
+
+    Cross-field rules are checked per key (the error names the key that breaks the rule), at construction
+    and again on assignment.
+    """
 
     section_name: ClassVar[str] = "conadv"
+    # -- switch and schedule ------------------------------------------------------------------------------
     enabled: bool = False
+    tau: int = Field(1, ge=0, description="staleness in steps; 0 = DisAdv (sequential)")
+    start_epoch: int = Field(0, ge=0, description="first epoch with adversarial examples")
+    stop_epoch: Optional[int] = Field(None, ge=1, description="first epoch without them; null = never stop")
+    # -- loss -------------------------------------------------------------------------------------------------
+    loss_mode: Literal["clean+adv", "adv"] = "clean+adv"
+    adv_weight: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+    dual_bn: bool = Field(True, validate_default=True)
+    # -- attack -------------------------------------------------------------------------------------------
+    attack: Literal["fgsm", "pgd"] = "fgsm"
+    epsilon: Optional[float] = Field(None, gt=0.0, allow_inf_nan=False, validate_default=True)
+    step_size: Optional[float] = Field(None, gt=0.0, allow_inf_nan=False)
+    steps: int = Field(1, ge=1)
+    random_start: bool = False
+    random_start_prob: Optional[float] = Field(None, ge=0.0, le=1.0)
+    target: Literal["untargeted", "random"] = "untargeted"
+    # -- what is perturbed, and its valid range ---------------------------------------------------------------
+    perturb: Literal["inputs", "embeddings"] = "inputs"
+    embedding_module: Optional[str] = Field(None, min_length=1, validate_default=True)
+    input_range: Optional[Tuple[float, float]] = None
+    mean: Optional[List[float]] = Field(None, min_length=1)
+    std: Optional[List[float]] = Field(None, min_length=1, validate_default=True)
+    update_bn_stats_in_generation: bool = False
+
+    # ---- resolved values ------------------------------------------------------------------------------------
+    @property
+    def effective_step_size(self) -> Optional[float]:
+        """``step_size``, or ``epsilon`` when it is not given."""
+        return self.step_size if self.step_size is not None else self.epsilon
+
+    @property
+    def effective_random_start_prob(self) -> float:
+        """Per-sample probability of a random start: 0 without random_start, else random_start_prob or 1."""
+        if not self.random_start:
+            return 0.0
+        return 1.0 if self.random_start_prob is None else self.random_start_prob
+
+    # ---- cross-field rules ------------------------------------------------------------------------------
+    @staticmethod
+    def _rule(key: str, value: Any, data: Dict[str, Any]) -> Optional[str]:
+        """The violated rule for ``key`` given the other (already valid) fields in ``data``, or None."""
+        get = data.get
+        if key == "steps" and get("attack") == "fgsm" and value != 1:
+            return 'attack "fgsm" takes exactly 1 step (allowed: 1); use attack "pgd" for more steps'
+        if key == "step_size" and get("attack") == "fgsm" and value is not None and get("epsilon") is not None \
+                and value != get("epsilon"):
+            return ('attack "fgsm" steps by epsilon (allowed: null or the value of "epsilon"); use attack "pgd" '
+                    'with steps 1 for another step size')
+        if key == "random_start" and get("attack") == "fgsm" and value:
+            return 'attack "fgsm" has no random start (allowed: false); use attack "pgd" with steps 1 for one'
+        if key == "random_start_prob" and value is not None and not get("random_start", False):
+            return 'only applies with "random_start": true (allowed: null when random_start is false)'
+        if key == "stop_epoch" and value is not None and get("start_epoch") is not None \
+                and value <= get("start_epoch"):
+            return f'must be greater than "start_epoch" ({get("start_epoch")}), or null (never stop)'
+        if key == "dual_bn" and get("loss_mode") == "adv" and value:
+            return ('loss_mode "adv" trains the adversarial branch only, so a main BN would never be trained '
+                    '(evaluation uses it); allowed: false with loss_mode "adv"')
+        if key == "epsilon" and value is None and get("enabled"):
+            return 'is required when "enabled" is true (a positive number, in pixel units when mean/std are given)'
+        if key == "embedding_module":
+            if get("perturb") == "embeddings" and value is None:
+                return 'is required when "perturb" is "embeddings" (the dotted name of the embedding module)'
+            if get("perturb") == "inputs" and value is not None:
+                return 'only applies with "perturb": "embeddings" (allowed: null with perturb "inputs")'
+        if key in ("input_range", "mean", "std") and value is not None and get("perturb") == "embeddings":
+            return 'does not apply with "perturb": "embeddings" (only the epsilon-ball; allowed: null)'
+        if key == "input_range" and value is not None and not value[0] < value[1]:
+            return "must be [lo, hi] with lo < hi"
+        if key == "std":
+            mean = get("mean")
+            if (mean is None) != (value is None):
+                return '"mean" and "std" go together: give both or neither'
+            if value is not None:
+                if len(value) != len(mean):
+                    return f'must have as many entries as "mean" ({len(mean)})'
+                if any(not (v > 0) for v in value):
+                    return "entries must be > 0"
+        return None
+
+    @field_validator("steps", "step_size", "random_start", "random_start_prob", "stop_epoch", "dual_bn", "epsilon",
+                     "embedding_module", "input_range", "mean", "std")
+    @classmethod
+    def _check_field(cls, value, info: ValidationInfo):
+        message = cls._rule(info.field_name, value, info.data)
+        if message:
+            raise ValueError(message)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # pydantic stores an assigned value before the model validator runs: undo it when a rule rejects it
+        had = name in self.__dict__
+        old = self.__dict__.get(name)
+        try:
+            super().__setattr__(name, value)
+        except ValidationError:
+            if had:
+                self.__dict__[name] = old
+            raise
+
+    @model_validator(mode="after")
+    def _check_all(self):
+        # construction already checked each key against the earlier ones; an assignment may break a rule of
+        # another key, so check all of them again against the whole model
+        data = dict(self.__dict__)
+        for key in ("steps", "step_size", "random_start", "random_start_prob", "stop_epoch", "dual_bn", "epsilon",
+                    "embedding_module", "input_range", "mean", "std"):
+            message = self._rule(key, data[key], data)
+            if message:
+                raise ValueError(f'"{self.section_name}.{key}" = {data[key]!r}: {message}')
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------------
