@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ds_conadv.config import ConAdvConfig, ConfigError, optimizer_class, validate_optimizer_params
+from ds_conadv.conadv.trainer import prepare_model
 from ds_conadv.optim import SegmentLayout, TrustRatioOptimizer, param_groups
 
 __all__ = ["initialize", "attach", "auto_attach", "load_config"]
@@ -81,15 +82,30 @@ def _strip_own_clipping(optimizer: TrustRatioOptimizer) -> Optional[float]:
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
                mpu=None, dist_init_required=None, collate_fn=None, config=None, config_params=None, **kwargs):
-    """``deepspeed.initialize`` with ds_conadv's optimizers and sections. Same arguments, same return values."""
+    """``deepspeed.initialize`` with ds_conadv's optimizers and sections. Same arguments, same return values.
+
+    With a ``"conadv"`` section the engine returned is a :class:`DeepSpeedConAdvEngine` (a drop-in for the
+    DeepSpeed engine with ``train_batch(data_iter)``); extra keywords for it: ``loss_fn`` (default cross-entropy),
+    ``conadv_seed``, ``steps_per_epoch`` (for the adversarial epoch window)."""
     import deepspeed
 
+    loss_fn = kwargs.pop("loss_fn", None)
+    conadv_seed = kwargs.pop("conadv_seed", 0)
+    steps_per_epoch = kwargs.pop("steps_per_epoch", None)
     cfg = load_config(args, config, config_params)
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = argparse.Namespace(**{**vars(args), "deepspeed_config": None})  # we pass the config ourselves
+    has_conadv = "conadv" in cfg
     conadv = ConAdvConfig.from_section(cfg.pop("conadv", None))
-    if conadv.enabled:
-        raise ConfigError('"conadv.enabled": true needs the ConAdv engine, which this version does not have yet')
+    if conadv.enabled and conadv.dual_bn:
+        if model is None:
+            raise ConfigError('"conadv.dual_bn" needs model= (its BatchNorm layers get an adversarial twin)')
+        if optimizer is not None or model_parameters is not None:
+            raise ConfigError('"conadv.dual_bn": true adds adversarial BatchNorm parameters to the model, which an '
+                              "optimizer= or model_parameters= built beforehand does not hold: let the config's "
+                              '"optimizer" section build it, or call ds_conadv.conadv.convert_dual_bn(model) first '
+                              'and set "dual_bn": false')
+        model = prepare_model(model, conadv)
 
     section = cfg.get("optimizer")
     cls = optimizer_class(section.get("type", "")) if isinstance(section, dict) else None
@@ -125,7 +141,10 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
         config=cfg, **kwargs)
     attach(engine)
-    engine.ds_conadv_config = conadv
+    if has_conadv:
+        from ds_conadv.integrations.deepspeed_engine import DeepSpeedConAdvEngine
+
+        engine = DeepSpeedConAdvEngine(engine, conadv, loss_fn, seed=conadv_seed, steps_per_epoch=steps_per_epoch)
     return engine, opt, loader, sched
 
 
