@@ -1,0 +1,240 @@
+"""How much of ConAdv's generation pass is hidden behind the gradient reduction (DeepSpeed, 2 ranks).
+
+Four engines on the same model and data, stepped in interleaved rounds so that machine noise hits all alike:
+
+* ``vanilla``  — clean loss only (``"conadv": {"enabled": false}``);
+* ``disadv``   — tau = 0: generate x̂_t with w_t, then train on it (sequential);
+* ``conadv``   — tau = 1: x̂_{t+1} generated with w_t while ``engine.backward``'s reduction is in flight;
+* ``no_gen``   — the ConAdv step with a fixed x̂ and no generation (clean + adversarial forward/backward,
+  reduction, optimizer step): what ConAdv would cost if generation were free.
+
+Also timed alone: ``T_gen``, one generation pass. Then
+
+    exposed adversarial fraction = (T_conadv - T_no_gen) / T_gen      (0: fully hidden, 1: not hidden at all)
+
+from medians over many repetitions; the spread is reported as the 10th-90th percentile of per-round values.
+Run: ``python benchmarks/conadv_overlap.py [--stage 2] [--rounds 30]`` (it starts its own 2 ranks with
+torchrun); ``--markdown docs/benchmarks.md`` writes a section there, JSON goes to ``benchmarks/results/``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MODES = ("vanilla", "disadv", "conadv", "no_gen")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--stage", type=int, default=2, choices=[0, 1, 2])
+    p.add_argument("--rounds", type=int, default=30, help="interleaved rounds (each: a few steps per mode)")
+    p.add_argument("--steps-per-round", type=int, default=3)
+    p.add_argument("--width", type=int, default=2048, help="hidden width (sets the gradient size)")
+    p.add_argument("--batch", type=int, default=16, help="micro batch per rank (sets the generation cost)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", dest="json_out", default=None)
+    p.add_argument("--markdown", default=None)
+    return p.parse_args(argv)
+
+
+def _pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+
+def rank_main(args):
+    import torch
+
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # inference-only op, ~95 s JIT build
+    import ds_conadv
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = torch.device(args.device if args.device == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    def model():
+        torch.manual_seed(0)
+        w = args.width
+        return torch.nn.Sequential(torch.nn.Linear(256, w), torch.nn.BatchNorm1d(w), torch.nn.ReLU(),
+                                   torch.nn.Linear(w, w), torch.nn.BatchNorm1d(w), torch.nn.ReLU(),
+                                   torch.nn.Linear(w, 10))
+
+    def engine(mode):
+        cfg = {"train_micro_batch_size_per_gpu": args.batch, "train_batch_size": args.batch * world,
+               "zero_optimization": {"stage": args.stage}, "gradient_clipping": 0.0, "steps_per_print": 10**9,
+               "optimizer": {"type": "LARS", "params": {"lr": 0.1, "backend": "foreach"}},
+               "conadv": {"enabled": mode != "vanilla", "tau": 0 if mode == "disadv" else 1, "attack": "fgsm",
+                          "epsilon": 0.05}}
+        eng, *_ = ds_conadv.initialize(model=model(), config=cfg)
+        return eng
+
+    def data():
+        gen = torch.Generator().manual_seed(rank)
+        while True:
+            yield (torch.randn(args.batch, 256, generator=gen).to(device),
+                   torch.randint(0, 10, (args.batch,), generator=gen).to(device))
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    engines = {m: engine(m) for m in MODES}
+    streams = {m: data() for m in MODES}
+    fixed_x, fixed_y = next(data())
+    fixed_adv = (fixed_x + 0.05).detach()
+
+    def no_gen_step(eng):
+        eng.forward_backward(fixed_x, fixed_y, fixed_adv)
+        eng.finish_reduction()
+        eng.optimizer_step()
+
+    def step(mode):
+        eng = engines[mode]
+        if mode == "no_gen":
+            no_gen_step(eng)
+        else:
+            eng.train_batch(streams[mode])
+
+    for mode in MODES:  # warm-up
+        for _ in range(2):
+            step(mode)
+    per_round = {m: [] for m in MODES + ("gen",)}
+    gen_engine = engines["conadv"]
+    for _ in range(args.rounds):
+        for mode in MODES:
+            torch.distributed.barrier()
+            sync()
+            t = time.perf_counter()
+            for _ in range(args.steps_per_round):
+                step(mode)
+            sync()
+            per_round[mode].append((time.perf_counter() - t) / args.steps_per_round)
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.steps_per_round):
+            gen_engine.generate(fixed_x, fixed_y)
+        sync()
+        per_round["gen"].append((time.perf_counter() - t) / args.steps_per_round)
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, per_round)
+    if rank == 0:
+        out = os.environ["DS_CONADV_BENCH_OUT"]
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump({"per_rank": gathered}, f)
+
+
+def summarize(raw, args):
+    ranks = raw["per_rank"]
+    # a step is synchronous across ranks: use the slowest rank per round
+    rounds = len(ranks[0]["vanilla"])
+    per_round = {m: [max(r[m][i] for r in ranks) for i in range(rounds)] for m in MODES + ("gen",)}
+    med = {m: statistics.median(v) for m, v in per_round.items()}
+    exposed_rounds = [(c - n) / g for c, n, g in zip(per_round["conadv"], per_round["no_gen"], per_round["gen"])]
+    return {
+        "median_s": med,
+        "p10_s": {m: _pct(v, 0.1) for m, v in per_round.items()},
+        "p90_s": {m: _pct(v, 0.9) for m, v in per_round.items()},
+        "exposed_fraction": (med["conadv"] - med["no_gen"]) / med["gen"],
+        "exposed_fraction_p10_p90": [_pct(exposed_rounds, 0.1), _pct(exposed_rounds, 0.9)],
+        "reduction_share": None,
+        "ratios": {"conadv/vanilla": med["conadv"] / med["vanilla"], "disadv/vanilla": med["disadv"] / med["vanilla"],
+                   "no_gen/vanilla": med["no_gen"] / med["vanilla"]},
+        "rounds": rounds, "steps_per_round": args.steps_per_round,
+    }
+
+
+def markdown(report):
+    s, m = report["summary"], report["machine"]
+    key = f"conadv_overlap/{report['device']}/stage{report['stage']}"
+    ms = lambda v: f"{1e3 * v:.1f}"  # noqa: E731
+    lines = [f"<!-- conadv_overlap:BEGIN {key} -->",
+             f"### ConAdv overlap, DeepSpeed ZeRO-{report['stage']}, {report['nproc']} ranks on {report['device']}",
+             "",
+             f"{m['where']}; torch {m['torch']}; MLP 256-{report['width']}-{report['width']}-10 with BatchNorm "
+             f"({report['n_params']:,} params, gradient {4 * report['n_params'] / 1e6:.0f} MB), micro batch "
+             f"{report['batch']} per rank; {s['rounds']} interleaved rounds of {s['steps_per_round']} steps; "
+             f"per round the slowest rank counts; {report['date']}.",
+             "",
+             "| mode | median ms/step | p10 | p90 | ratio vs vanilla |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for mode in MODES:
+        ratio = s["median_s"][mode] / s["median_s"]["vanilla"]
+        lines.append(f"| {mode} | {ms(s['median_s'][mode])} | {ms(s['p10_s'][mode])} | {ms(s['p90_s'][mode])} | "
+                     f"{ratio:.2f} |")
+    lines.append(f"| generation pass alone | {ms(s['median_s']['gen'])} | {ms(s['p10_s']['gen'])} | "
+                 f"{ms(s['p90_s']['gen'])} | |")
+    lo, hi = s["exposed_fraction_p10_p90"]
+    lines += ["", f"**Exposed adversarial fraction** (T_conadv − T_no_gen) / T_gen = **{s['exposed_fraction']:.2f}** "
+              f"(per-round p10–p90: {lo:.2f} to {hi:.2f}).", f"<!-- conadv_overlap:END {key} -->"]
+    return "\n".join(lines) + "\n"
+
+
+def update_markdown(path, text, key):
+    begin, end = f"<!-- conadv_overlap:BEGIN {key} -->", f"<!-- conadv_overlap:END {key} -->"
+    old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    i, j = old.find(begin), old.find(end)
+    new = old[:i] + text + old[j + len(end) + 1:] if i >= 0 and j >= 0 else old.rstrip("\n") + "\n\n" + text
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if "RANK" in os.environ:
+        rank_main(args)
+        return 0
+    import torch
+
+    raw_path = os.path.join(HERE, "results", f".conadv_overlap_raw_{os.getpid()}.json")
+    os.makedirs(os.path.dirname(raw_path), exist_ok=True)
+    env = dict(os.environ, DS_ACCELERATOR=args.device if args.device == "cpu" else "cuda", OMP_NUM_THREADS="1",
+               DS_CONADV_BENCH_OUT=raw_path, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           os.path.abspath(__file__)] + (argv if argv is not None else sys.argv[1:])
+    t = time.time()
+    subprocess.run(cmd, env=env, check=True, timeout=3600)
+    raw = json.load(open(raw_path))
+    os.remove(raw_path)
+    w = args.width
+    n_params = 256 * w + w + w * w + w + w * 10 + 10 + 4 * w * 2  # linear layers + main and adv BN
+    report = {
+        "benchmark": "conadv_overlap", "device": args.device, "stage": args.stage, "nproc": args.nproc,
+        "width": w, "batch": args.batch, "n_params": n_params, "wall_s": time.time() - t,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {"torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "where": (f"CPU ({os.cpu_count()} cores), gloo, 1 torch thread per rank" if args.device == "cpu"
+                              else f"GPU {torch.cuda.get_device_name(0)}, gloo staging CUDA tensors")},
+        "summary": summarize(raw, args), "raw": raw,
+    }
+    out = args.json_out or os.path.join(HERE, "results", f"conadv_overlap-{args.device}-stage{args.stage}.json")
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    s = report["summary"]
+    print(json.dumps({k: s[k] for k in ("median_s", "exposed_fraction", "exposed_fraction_p10_p90", "ratios")},
+                     indent=1))
+    print(f"# wrote {out}")
+    if args.markdown:
+        update_markdown(args.markdown, markdown(report), f"conadv_overlap/{args.device}/stage{args.stage}")
+        print(f"# updated {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
