@@ -18,8 +18,8 @@ after the backward (no overlap; documented, not hidden).
 from __future__ import annotations
 
 import os
-import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -51,8 +51,8 @@ class DeepSpeedConAdvEngine(ConAdvTrainer):
         super().__init__(ds_engine, ds_engine, loss_fn, cfg, seed=seed + 1000003 * rank,
                          steps_per_epoch=steps_per_epoch, device=ds_engine.device)
         self.generation_model = ds_engine.module
-        self._thread: Optional[threading.Thread] = None
-        self._error: Optional[BaseException] = None
+        self._worker: Optional[ThreadPoolExecutor] = None
+        self._pending: Optional[Future] = None
         self._stream = torch.cuda.Stream(device=ds_engine.device) if ds_engine.device.type == "cuda" else None
         self.last_timings: Dict[str, float] = {}
 
@@ -79,16 +79,10 @@ class DeepSpeedConAdvEngine(ConAdvTrainer):
         if not self.overlap:
             self.ds.backward(loss)
             return
-        self._error = None
-
-        def run():
-            try:
-                self.ds.backward(loss)  # backward compute + DeepSpeed's reduction (at the boundary)
-            except BaseException as exc:  # re-raised on the calling thread
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, name="ds_conadv-backward", daemon=True)
-        self._thread.start()
+        if self._worker is None:  # one long-lived thread: no thread start per step
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ds_conadv-backward")
+        # backward compute + DeepSpeed's reduction (at the boundary); an exception re-raises in finish_reduction
+        self._pending = self._worker.submit(self.ds.backward, loss)
 
     def generate_next(self) -> int:
         if self._stream is None:
@@ -100,13 +94,11 @@ class DeepSpeedConAdvEngine(ConAdvTrainer):
         return made
 
     def finish_reduction(self) -> None:
-        if self._thread is not None:
+        if self._pending is not None:
             t = time.perf_counter()
-            self._thread.join()
-            self._thread = None
+            pending, self._pending = self._pending, None
+            pending.result()
             self.last_timings["wait_reduction"] = time.perf_counter() - t
-            if self._error is not None:
-                raise self._error
 
     def optimizer_step(self) -> None:
         self.ds.step()  # clipping, optimizer (at the boundary), zero grads, lr scheduler: all DeepSpeed's
