@@ -10,7 +10,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .functional import Segments, _skipped
+from .functional import ReferenceKernels, Segments, _skipped
 
 
 def _flat(ts: List[Tensor]) -> List[Tensor]:
@@ -101,14 +101,8 @@ class ForeachKernels:
         if seg.model_params is not None:
             torch._foreach_copy_(_flat(seg.model_params), new)
 
-    def lars_phase1(self, seg: Segments, *, grad_coef, skip, dtype=torch.float32) -> Tensor:
-        dtype = seg.states[0][0].dtype
-        device = seg.params[0].device
-        if _skipped(skip):
-            return torch.zeros(seg.num_ids, 2, dtype=dtype, device=device)
-        g = self.sumsq(seg.grads, seg.seg_ids, seg.num_ids, grad_coef, dtype)
-        p = self.sumsq(seg.params, seg.seg_ids, seg.num_ids, None, dtype)
-        return torch.stack([g, p], dim=1)
+    # (Σg², Σp²) per id is two sums of squares: the reference composition, over this class's sumsq
+    lars_phase1 = ReferenceKernels.lars_phase1
 
     def lars_phase2(self, seg: Segments, *, grad_coef, ratio, lr, weight_decay, momentum, dampening, nesterov,
                     skip) -> None:
