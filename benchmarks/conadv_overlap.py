@@ -62,9 +62,13 @@ def rank_main(args):
     import ds_conadv
 
     torch.set_num_threads(1)
+    if args.device == "cuda" and torch.cuda.device_count() < args.nproc:
+        # ranks share one GPU (NCCL refuses that; gloo stages CUDA tensors through host memory): DeepSpeed
+        # picks the device from LOCAL_RANK
+        os.environ["LOCAL_RANK"] = "0"
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    device = torch.device(args.device if args.device == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    device = torch.device("cpu" if args.device == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
