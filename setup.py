@@ -92,7 +92,8 @@ setup(
     packages=_packages,
     package_dir=_package_dir,
     # CUDA/C++ sources ship with every kernels package (JIT-built at run time).
-    package_data={name: KERNEL_SOURCES for name in _kpkgs + ["ds_conadv.kernels.cuda"]},
+    package_data={**{name: KERNEL_SOURCES for name in _kpkgs + ["ds_conadv.kernels.cuda"]},
+                  "ds_conadv": ["configs/*.json"]},  # ds-conadv train's embedded configs
     install_requires=[
         "torch>=2.1",
         "numpy",
@@ -107,6 +108,11 @@ setup(
         # install it with `pip install --no-deps timm` (benchmarks load its
         # optim files directly, without importing the timm package).
         "bench": ["timm"],
+        # Horovod builds from source against the installed torch: plain `pip install .[horovod]` fails (build
+        # isolation hides torch; the sdist forces C++14, torch 2.13 needs C++17). Use
+        # `bash scripts/install_horovod.sh` (C++17 compiler wrapper, --no-build-isolation, gloo, cached wheel),
+        # or give pip the same flags it uses; see docs/horovod.md.
+        "horovod": ["horovod==0.28.1"],
     },
     entry_points={"console_scripts": ["ds-conadv = ds_conadv.cli:main"]},
     ext_modules=_ext_modules,

@@ -210,3 +210,60 @@ def validate_optimizer_params(cls, params: Optional[Dict[str, Any]]) -> Tuple[di
         if not isinstance(value, bool):
             raise ConfigError(f'"optimizer.params.{key}" = {value!r}: must be true or false')
     return params, grouping
+
+
+# ----------------------------------------------------------------------------------------------------------
+# "train": the main job's own section (ds-conadv train); "_comment" keys
+# ----------------------------------------------------------------------------------------------------------
+#: a key that starts with this is a comment, at any depth of a config file (see :func:`strip_comments`)
+COMMENT_PREFIX = "_comment"
+
+
+def strip_comments(value: Any) -> Any:
+    """A copy of a parsed JSON config without its comment keys: every object key that starts with ``"_comment"``
+    (``"_comment"``, ``"_comment_lr"``, ...), at any depth. JSON has no comments, and DeepSpeed's own pydantic
+    sections (like ours) reject unknown keys, so comments are removed before any validation; any other key that
+    starts with ``_`` is still an unknown key."""
+    if isinstance(value, dict):
+        return {k: strip_comments(v) for k, v in value.items()
+                if not (isinstance(k, str) and k.startswith(COMMENT_PREFIX))}
+    if isinstance(value, list):
+        return [strip_comments(v) for v in value]
+    return value
+
+
+class TrainConfig(SectionModel):
+    """The ``"train"`` section of ``ds-conadv train`` (the main job); see docs/index.md.
+
+    Everything about the optimizer, LR schedule, batch size, ZeRO and precision is DeepSpeed's (or our
+    ``"optimizer"``) section; this one holds what the job itself decides: data, model, epochs, evaluation and
+    outputs. ``model: "resnet50"`` with ``data: "imagenet"`` is accepted so that the 96K recipe config validates,
+    but the job only runs the bundled data set (``"digits"``, with ``model: "cnn"``).
+    """
+
+    section_name: ClassVar[str] = "train"
+    # -- data and model ---------------------------------------------------------------------------------------
+    data: Literal["digits", "imagenet"] = "digits"
+    model: Literal["cnn", "resnet50"] = Field("cnn", validate_default=True)
+    width: int = Field(32, ge=1, description="channels of the CNN's first conv layer (doubled by each next one)")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="digits: share held out for the test set")
+    split_seed: int = Field(0, ge=0, description="digits: seed of the fixed, stratified train/test split")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # -- length -------------------------------------------------------------------------------------------------
+    epochs: int = Field(30, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps (null: epochs)")
+    seed: int = Field(0, ge=0, description="model init, data order (same on every rank) and attack randomness")
+    # -- evaluation and outputs --------------------------------------------------------------------------------
+    eval_every: int = Field(5, ge=1, description="epochs between test-set evaluations (the last epoch always)")
+    out_dir: Optional[str] = Field(None, min_length=1, description="null: runs/<config name>-<timestamp>")
+    print_every: int = Field(0, ge=0, description="steps between text log lines on rank 0 (0: progress bar only)")
+    threads: Optional[int] = Field(None, ge=1, description="torch threads per rank; null: cores / local ranks")
+
+    @field_validator("model")
+    @classmethod
+    def _model_fits_data(cls, value, info: ValidationInfo):
+        data = info.data.get("data")
+        fits = {"digits": "cnn", "imagenet": "resnet50"}
+        if data in fits and value != fits[data]:
+            raise ValueError(f'data "{data}" goes with model "{fits[data]}" (allowed: "{fits[data]}")')
+        return value

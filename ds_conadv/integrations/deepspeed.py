@@ -2,7 +2,8 @@
 
 ``ds_conadv.initialize(...)`` is a drop-in for ``deepspeed.initialize``. It reads the DeepSpeed config (path,
 dict, or ``args.deepspeed_config``), takes ``"optimizer": {"type": "LAMB" | "LARS"}`` to mean *our*
-optimizers (DeepSpeed's own types pass through unchanged), validates our ``"conadv"`` section, and after
+optimizers (DeepSpeed's own types pass through unchanged), ``"scheduler": {"type": "WarmupPolyDecayLR"}`` to mean
+ours (:mod:`ds_conadv.lr_schedules`), validates our ``"conadv"`` section, and after
 DeepSpeed has wrapped the optimizer, calls :func:`attach` so trust ratios are exact.
 
 Why attach is needed: ZeRO 1/2 (and DeepSpeed's fp16/bf16 wrappers) flatten each param group into one fp32
@@ -32,7 +33,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ds_conadv.config import ConAdvConfig, ConfigError, optimizer_class, validate_optimizer_params
+from ds_conadv.config import (ConAdvConfig, ConfigError, optimizer_class, strip_comments,
+                              validate_optimizer_params)
 from ds_conadv.conadv.trainer import prepare_model
 from ds_conadv.optim import SegmentLayout, TrustRatioOptimizer, param_groups
 
@@ -92,7 +94,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     loss_fn = kwargs.pop("loss_fn", None)
     conadv_seed = kwargs.pop("conadv_seed", 0)
     steps_per_epoch = kwargs.pop("steps_per_epoch", None)
-    cfg = load_config(args, config, config_params)
+    cfg = strip_comments(load_config(args, config, config_params))  # "_comment..." keys, at any depth
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = argparse.Namespace(**{**vars(args), "deepspeed_config": None})  # we pass the config ourselves
     has_conadv = "conadv" in cfg
@@ -131,6 +133,16 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                               "model_parameters=")
         optimizer = cls(model_parameters, **kwargs_opt)
         del cfg["optimizer"]
+    sched_section = cfg.get("scheduler")
+    if isinstance(sched_section, dict):
+        from ds_conadv.lr_schedules import scheduler_class, scheduler_factory
+
+        if scheduler_class(sched_section.get("type")) is not None:  # ours (DeepSpeed's types pass through)
+            if lr_scheduler is not None:
+                raise ConfigError(f'both an lr_scheduler= and "scheduler": {{"type": "{sched_section["type"]}"}} '
+                                  f"given; DeepSpeed would silently drop the config one: give one of them")
+            lr_scheduler = scheduler_factory(sched_section)
+            del cfg["scheduler"]
     if isinstance(optimizer, TrustRatioOptimizer):
         _reconcile_clipping(cfg, _strip_own_clipping(optimizer))
         if cfg.get("zero_optimization", {}).get("stage", 0):
