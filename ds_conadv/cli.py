@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
 
+    sub.add_parser("hessian", add_help=False,
+                   help="Hessian spectrum of a trained model: top eigenvalues, trace, density plot "
+                        "(ds-conadv hessian --help)")
     b = sub.add_parser("bench", help="optimizer step-time benchmark (benchmarks/optim_step.py)",
                        add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER,
@@ -207,6 +210,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     if argv[:1] == ["bench"]:  # forward everything after "bench" untouched
         return _cmd_bench(argparse.Namespace(bench_args=argv[1:]), parser)
+    if argv[:1] == ["hessian"]:  # its own parser: ds_conadv.hessian.hessian_main
+        from ds_conadv.hessian import hessian_main
+
+        return hessian_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
