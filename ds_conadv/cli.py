@@ -109,7 +109,8 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
         resolved, name, notes = resolve_train_args(args)
     except ConfigError as e:
         parser.error(str(e))  # exits with status 2
-    if os.environ.get("RANK", "0") == "0" and not (args.nproc or 0) > 1:  # once: here or on rank 0
+    rank = os.environ.get("RANK", os.environ.get("HOROVOD_RANK", "0"))
+    if rank == "0" and not (args.nproc or 0) > 1:  # once: here or on rank 0
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
     if args.print_config:
@@ -121,6 +122,16 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
         check_runnable(resolved)
     except ConfigError as e:
         parser.error(str(e))
+    if args.backend == "horovod":  # every rank runs this under horovodrun
+        if args.nproc is not None:
+            parser.error("--backend horovod: start the ranks with horovodrun --gloo -np N -H localhost:N, not --nproc")
+        from ds_conadv.integrations.horovod_train import train_horovod
+
+        try:
+            train_horovod(resolved.raw, progress=not args.no_progress)
+        except ConfigError as e:
+            parser.error(str(e))
+        return 0
     if args.nproc is not None:
         if args.nproc < 1:
             parser.error("--nproc must be >= 1")
@@ -179,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", metavar="PATH", help="JSON config (default: the embedded conadv_digits.json)")
     t.add_argument("--nproc", type=int, metavar="N",
                    help="start N ranks (gloo on CPU) through python -m torch.distributed.run --standalone")
+    t.add_argument("--backend", choices=("deepspeed", "horovod"), default="deepspeed",
+                   help="deepspeed (default; one process, torchrun, the deepspeed launcher or --nproc) or horovod "
+                        "(under horovodrun --gloo -np N -H localhost:N ds-conadv train --backend horovod)")
     t.add_argument("--mode", choices=MODES,
                    help="conadv: enabled, tau>=1 (the config's, else 1); disadv: tau=0; vanilla: no adversarial")
     t.add_argument("--epochs", type=int)

@@ -8,6 +8,10 @@
 #
 # Steps 2-3 are skipped when the stamp in .venv/ matches a hash of setup.py and this file, so re-runs
 # are fast. DS_CONADV_FORCE_SETUP=1 redoes them.
+#
+#  4. optional, outside the stamp: Horovod, when DS_CONADV_WITH_HOROVOD=1 or CI=true, through
+#     scripts/install_horovod.sh (a no-op when `import horovod.torch` works; else the cached wheel, else a
+#     source build). Then DS_CONADV_REQUIRE_HOROVOD=1 is exported: the Horovod tests fail, not skip, without it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -57,6 +61,11 @@ else
     fi
     echo "$WANT" > "$STAMP"
     _log "environment ready"
+fi
+
+if [ "${DS_CONADV_WITH_HOROVOD:-0}" = "1" ] || [ "${CI:-}" = "true" ]; then
+    PYTHON="$VPY" bash "$ROOT/scripts/install_horovod.sh"
+    export DS_CONADV_REQUIRE_HOROVOD=1
 fi
 
 export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,180 @@
+"""How much of ConAdv's generation pass Horovod's asynchronous allreduce hides (2 ranks, horovodrun --gloo).
+
+The Horovod counterpart of ``benchmarks/conadv_overlap.py`` (same model, data, modes, rounds and statistics —
+its ``summarize``/``markdown``/``update_markdown`` are imported, not copied):
+
+* ``vanilla`` — clean loss only; ``disadv`` — tau = 0 (generate, then train); ``conadv`` — tau = 1, x̂_{t+1}
+  generated between ``loss.backward()`` (Horovod's hooks launch the allreduces) and ``optimizer.synchronize()``;
+  ``no_gen`` — the ConAdv step with a fixed x̂ and no generation. ``T_gen``: one generation pass alone.
+
+    exposed adversarial fraction = (T_conadv - T_no_gen) / T_gen      (0: fully hidden, 1: not hidden)
+
+Run: ``python benchmarks/conadv_overlap_horovod.py [--rounds 30] [--markdown docs/benchmarks.md]
+[--with-deepspeed]`` (starts its own ranks with ``horovodrun --gloo -np 2 -H localhost:2``; ``--with-deepspeed``
+then runs ``conadv_overlap.py`` with the same sizes, so both backends are measured in one run). Needs Horovod
+(``bash scripts/install_horovod.sh``).
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _overlap_module():
+    spec = importlib.util.spec_from_file_location("ds_conadv_bench_conadv_overlap", os.path.join(HERE, "conadv_overlap.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+base = _overlap_module()
+MODES = base.MODES
+
+
+def rank_main(args):
+    import torch
+
+    import horovod.torch as hvd
+
+    from ds_conadv.config import ConAdvConfig
+    from ds_conadv.conadv import prepare_model
+    from ds_conadv.integrations.horovod import HorovodConAdvTrainer, distributed_optimizer
+    from ds_conadv.optim import LARS
+
+    torch.set_num_threads(1)
+    hvd.init()
+    rank = hvd.rank()
+
+    def model():
+        torch.manual_seed(0)
+        w = args.width
+        return torch.nn.Sequential(torch.nn.Linear(256, w), torch.nn.BatchNorm1d(w), torch.nn.ReLU(),
+                                   torch.nn.Linear(w, w), torch.nn.BatchNorm1d(w), torch.nn.ReLU(),
+                                   torch.nn.Linear(w, 10))
+
+    def trainer(mode):
+        cfg = ConAdvConfig(enabled=mode != "vanilla", tau=0 if mode == "disadv" else 1, attack="fgsm", epsilon=0.05)
+        m = prepare_model(model(), cfg)
+        opt = LARS(m.parameters(), lr=0.1, backend="foreach")
+        named = [(f"{mode}.{n}", p) for n, p in m.named_parameters()]  # unique allreduce names per trainer
+        return HorovodConAdvTrainer(m, distributed_optimizer(opt, named_parameters=named), cfg=cfg)
+
+    def data():
+        gen = torch.Generator().manual_seed(rank)
+        while True:
+            yield torch.randn(args.batch, 256, generator=gen), torch.randint(0, 10, (args.batch,), generator=gen)
+
+    trainers = {m: trainer(m) for m in MODES}
+    streams = {m: data() for m in MODES}
+    fixed_x, fixed_y = next(data())
+    fixed_adv = (fixed_x + 0.05).detach()
+
+    def step(mode):
+        tr = trainers[mode]
+        if mode == "no_gen":
+            tr.forward_backward(fixed_x, fixed_y, fixed_adv)
+            tr.finish_reduction()
+            tr.optimizer_step()
+        else:
+            tr.train_batch(streams[mode])
+
+    for mode in MODES:  # warm-up
+        for _ in range(2):
+            step(mode)
+    per_round = {m: [] for m in MODES + ("gen",)}
+    gen_trainer = trainers["conadv"]
+    for _ in range(args.rounds):
+        for mode in MODES:
+            hvd.barrier()
+            t = time.perf_counter()
+            for _ in range(args.steps_per_round):
+                step(mode)
+            per_round[mode].append((time.perf_counter() - t) / args.steps_per_round)
+        t = time.perf_counter()
+        for _ in range(args.steps_per_round):
+            gen_trainer.generate(fixed_x, fixed_y)
+        per_round["gen"].append((time.perf_counter() - t) / args.steps_per_round)
+    gathered = hvd.allgather_object(per_round)
+    if rank == 0:
+        with open(os.environ["DS_CONADV_BENCH_OUT"], "w", encoding="utf-8") as f:
+            json.dump({"per_rank": gathered}, f)
+
+
+def markdown(report):
+    text = base.markdown(dict(report, stage="horovod"))
+    return (text.replace("DeepSpeed ZeRO-horovod", "Horovod (async allreduce)")
+            .replace("conadv_overlap/" + report["device"] + "/stagehorovod", _key(report)))
+
+
+def _key(report):
+    return f"conadv_overlap/{report['device']}/horovod"
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with_ds = "--with-deepspeed" in argv
+    argv = [a for a in argv if a != "--with-deepspeed"]
+    args = base.parse_args(argv)
+    if args.device != "cpu":
+        raise SystemExit("this Horovod build is CPU/gloo only: --device cpu")
+    if "HOROVOD_RANK" in os.environ:
+        rank_main(args)
+        return 0
+    import torch
+
+    raw_path = os.path.join(HERE, "results", f".conadv_overlap_hvd_raw_{os.getpid()}.json")
+    os.makedirs(os.path.dirname(raw_path), exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_CONADV_BENCH_OUT=raw_path,
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    cmd = [horovodrun, "--gloo", "-np", str(args.nproc), "-H", f"localhost:{args.nproc}", sys.executable,
+           os.path.abspath(__file__)] + argv
+    t = time.time()
+    subprocess.run(cmd, env=env, check=True, timeout=3600)
+    raw = json.load(open(raw_path))
+    os.remove(raw_path)
+    w = args.width
+    n_params = 256 * w + w + w * w + w + w * 10 + 10 + 4 * w * 2
+    import horovod
+
+    report = {
+        "benchmark": "conadv_overlap", "backend": "horovod", "horovod": horovod.__version__, "device": args.device,
+        "stage": None, "nproc": args.nproc, "width": w, "batch": args.batch, "n_params": n_params,
+        "wall_s": time.time() - t,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {"torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "where": f"CPU ({os.cpu_count()} cores), Horovod {horovod.__version__} gloo, 1 torch thread "
+                             "per rank"},
+        "summary": base.summarize(raw, args), "raw": raw,
+    }
+    out = args.json_out or os.path.join(HERE, "results", f"conadv_overlap-{args.device}-horovod.json")
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    s = report["summary"]
+    print(json.dumps({k: s[k] for k in ("median_s", "exposed_fraction", "exposed_fraction_p10_p90", "ratios")},
+                     indent=1))
+    print(f"# wrote {out}")
+    if args.markdown:
+        base.update_markdown(args.markdown, markdown(report), _key(report))
+        print(f"# updated {args.markdown}")
+    if with_ds:
+        ds_out = out[:-len(".json")] + f"-deepspeed-stage{args.stage}.json"
+        print(f"# now the DeepSpeed backend, same sizes (benchmarks/conadv_overlap.py) -> {ds_out}")
+        ds_argv = [a for i, a in enumerate(argv) if a != "--json" and (i == 0 or argv[i - 1] != "--json")]
+        return base.main(ds_argv + ["--json", ds_out])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
