@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import torch
@@ -162,3 +163,22 @@ def test_config_from_file_and_args(tmp_path):
     path.write_text(json.dumps({**BASE, "conadv": {"enabled": False}}))
     assert load_config(config=str(path))["conadv"] == {"enabled": False}
     assert load_config(args=argparse.Namespace(deepspeed_config=str(path)))["train_batch_size"] == 16
+
+
+CONFIG_FILES = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").rglob("*.json"))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
+def test_every_config_passes_initialize_validation(path):
+    from ds_conadv.integrations.deepspeed import validate_config
+
+    ds_cfg = validate_config(str(path))
+    assert "conadv" not in ds_cfg and ds_cfg.get("zero_allow_untested_optimizer") is True
+
+
+def test_validate_config_rejects_bad_optimizer_params(tmp_path):
+    from ds_conadv.integrations.deepspeed import validate_config
+
+    bad = {**BASE, "optimizer": {"type": "LARS", "params": {"lr": 1.0, "trust_coef": 0.01}}}
+    with pytest.raises(ConfigError, match='unknown key "trust_coef"'):
+        validate_config(bad)

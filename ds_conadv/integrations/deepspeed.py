@@ -38,7 +38,7 @@ from ds_conadv.config import (ConAdvConfig, ConfigError, optimizer_class, strip_
 from ds_conadv.conadv.trainer import prepare_model
 from ds_conadv.optim import SegmentLayout, TrustRatioOptimizer, param_groups
 
-__all__ = ["initialize", "attach", "auto_attach", "load_config"]
+__all__ = ["initialize", "attach", "auto_attach", "load_config", "validate_config"]
 
 
 def load_config(args=None, config=None, config_params=None) -> Dict[str, Any]:
@@ -80,6 +80,39 @@ def _strip_own_clipping(optimizer: TrustRatioOptimizer) -> Optional[float]:
     for g in optimizer.param_groups:
         g["max_grad_norm"] = None
     return values.pop() if values else None
+
+
+def validate_config(config) -> Dict[str, Any]:
+    """Check a config (dict or path) the way :func:`initialize` does, without a model or ranks: our sections
+    (``"conadv"``, a LAMB/LARS ``"optimizer"``, our scheduler types), the clipping rule, then DeepSpeed's own
+    ``DeepSpeedConfig`` on the rest (batch sizes checked for one rank). Returns the config DeepSpeed would get."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = strip_comments(load_config(config=config))
+    ConAdvConfig.from_section(cfg.pop("conadv", None))
+    cfg.pop("train", None)  # ds-conadv train's own section (validated by ds_conadv.train)
+    section = cfg.get("optimizer")
+    cls = optimizer_class(section.get("type", "")) if isinstance(section, dict) else None
+    if cls is not None:
+        unknown = set(section) - {"type", "params"}
+        if unknown:
+            raise ConfigError(f'unknown key "{sorted(unknown)[0]}" in "optimizer"; allowed keys: type, params')
+        kwargs_opt, _ = validate_optimizer_params(cls, section.get("params"))
+        _reconcile_clipping(cfg, kwargs_opt.pop("max_grad_norm", None))
+        cls([torch.zeros(1, requires_grad=True)], **kwargs_opt)  # the optimizer's own type/range checks
+        del cfg["optimizer"]
+        cfg.setdefault("zero_allow_untested_optimizer", True)
+    sched = cfg.get("scheduler")
+    if isinstance(sched, dict):
+        from ds_conadv.lr_schedules import scheduler_class
+
+        if scheduler_class(sched.get("type")) is not None:
+            del cfg["scheduler"]
+    try:
+        DeepSpeedConfig(copy.deepcopy(cfg))
+    except Exception as e:  # pydantic ValidationError, batch-size assertions, ...
+        raise ConfigError(f"DeepSpeed rejects the config: {e}") from None
+    return cfg
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
