@@ -10,6 +10,7 @@ The extension is built on first use (about a minute, cached); a build failure fa
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -38,6 +39,19 @@ def chunk(cpp):
 
 REF = ReferenceKernels()
 F64 = torch.float64
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the (torch-op) reference on one thread: on a busy 2-core machine torch's own multi-threaded small
+    ops were seen to stall for ~200 ms each, which made these tests minutes long. The C++ kernels keep the
+    default thread count so their parallel path is what is tested."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _big_sizes(chunk):
@@ -146,7 +160,8 @@ def test_sumsq_matches_reference(cpp, chunk, dtype):
     for seg_ids, num_ids in ((None, len(sizes)), (ids, 6)):
         for cf in (None, coef):
             got = cpp.sumsq(c.params, seg_ids, num_ids, cf)
-            want = REF.sumsq(_to64(c.params), seg_ids, num_ids, cf, dtype=F64)
+            with one_thread():
+                want = REF.sumsq(_to64(c.params), seg_ids, num_ids, cf, dtype=F64)
             assert got.dtype == torch.float32 and got.shape == (num_ids,)
             _close([got], [want], rtol=1e-6, atol=0)
             got64 = cpp.sumsq(c.params, seg_ids, num_ids, cf, dtype=F64)
@@ -188,7 +203,8 @@ def test_lamb_passes_match_reference(cpp, chunk, name):
     c = Case(sizes, zero=(3,), steps=torch.tensor([float(k % 4 + 1) for k in range(len(sizes))]))
     s64 = c.seg64()
     got = _run_lamb(cpp, c.seg(), knobs)
-    want = _run_lamb(REF, s64, knobs)
+    with one_thread():
+        want = _run_lamb(REF, s64, knobs)
     assert got.dtype == torch.float32 and got.shape == (len(sizes), 2)
     _close([got], [want], rtol=2e-5, atol=0, msg="sums")
     assert float(got[3, 1]) == 0.0  # zero param norm
@@ -214,7 +230,8 @@ def test_lamb_low_precision(cpp, chunk, pdtype, gdtype, model):
     before = [p.clone() for p in c.params]
     s64 = c.seg64()
     got = _run_lamb(cpp, c.seg(), knobs)
-    want = _run_lamb(REF, s64, knobs)
+    with one_thread():
+        want = _run_lamb(REF, s64, knobs)
     _close([got], [want], rtol=1e-4, atol=0, msg="sums")
     _close(c.states[0], s64.states[0], msg="exp_avg")
     if pdtype == torch.float32:
@@ -227,7 +244,8 @@ def test_lamb_low_precision(cpp, chunk, pdtype, gdtype, model):
             assert not torch.equal(p, b)
         # and exactly what the reference does in fp32 (modulo one rounding of the fp32 intermediate)
         c2 = Case(sizes, pdtype=pdtype, gdtype=gdtype)
-        _run_lamb(REF, c2.seg(), knobs)
+        with one_thread():
+            _run_lamb(REF, c2.seg(), knobs)
         for p, r in zip(c.params, c2.params):
             diff = (p.to(F64) - r.to(F64)).abs()
             assert (diff <= torch.finfo(pdtype).eps * r.to(F64).abs()).all()
@@ -267,7 +285,8 @@ def test_lamb_segments_with_shared_ids(cpp, chunk, flat):
     step_size = torch.tensor([1e-3, 2e-3, 3e-3, 4e-3, 5e-3])
     knobs = dict(weight_decay=0.01, adam_w_mode=True)
     got = _run_lamb(cpp, c.seg(), knobs, step_size)
-    want = _run_lamb(REF, s64, knobs, step_size)
+    with one_thread():
+        want = _run_lamb(REF, s64, knobs, step_size)
     _close([got], [want], rtol=2e-5, atol=0, msg="sums")
     assert got[4].abs().sum() == 0
     _close(c.params, s64.params, msg="params")
@@ -324,7 +343,8 @@ def test_lars_passes_match_reference(cpp, chunk, name, first):
     coef = torch.tensor(0.7)
     lr = torch.tensor(0.2) if first else 0.05  # a 0-d tensor or a float
     got = _run_lars(cpp, c.seg(), knobs, coef, lr)
-    want = _run_lars(REF, s64, knobs, coef, lr)
+    with one_thread():
+        want = _run_lars(REF, s64, knobs, coef, lr)
     assert got.dtype == torch.float32 and got.shape == (len(sizes), 2)
     _close([got], [want], rtol=2e-6, atol=0, msg="sums")
     assert got[4].abs().sum() == 0
@@ -344,7 +364,8 @@ def test_lars_low_precision(cpp, chunk, pdtype, gdtype, model):
     s64 = c.seg64()
     knobs = LARS_KERNEL_KNOBS["nesterov"]
     got = _run_lars(cpp, c.seg(), knobs)
-    want = _run_lars(REF, s64, knobs)
+    with one_thread():
+        want = _run_lars(REF, s64, knobs)
     _close([got], [want], rtol=1e-5, atol=0, msg="sums")
     _close(c.states[0], s64.states[0], msg="momentum_buffer")
     if pdtype == torch.float32:
@@ -364,8 +385,8 @@ def test_lars_segments_and_skip(cpp, chunk):
     c = Case(sizes, n_states=1, seg_ids=ids, num_ids=5, flat=True, steps=torch.tensor([1.0, 2, 1, 1, 3, 3, 3, 1, 2]))
     ratio = torch.tensor([0.5, 1.0, 2.0, 0.25, 9.0])
     before = c.snapshot()
-    sums = cpp.lars_phase1(c.seg(), grad_coef=None, skip=torch.tensor(True))
-    assert torch.equal(sums, torch.zeros(5, 2))
+    sums = cpp.lars_phase1(c.seg(), grad_coef=torch.tensor(float("nan")), skip=torch.tensor(True))
+    assert torch.equal(sums, torch.zeros(5, 2))  # as the reference: zeros, even with a non-finite coefficient
     cpp.lars_phase2(c.seg(), grad_coef=None, ratio=ratio, lr=0.1, weight_decay=1e-4, momentum=0.9, dampening=0.0,
                     nesterov=False, skip=torch.tensor(True))
     for a, b in zip(c.current(), before):
@@ -373,7 +394,8 @@ def test_lars_segments_and_skip(cpp, chunk):
     s64 = c.seg64()
     knobs = LARS_KERNEL_KNOBS["dampening"]
     got = _run_lars(cpp, c.seg(), knobs, ratio=ratio)
-    want = _run_lars(REF, s64, knobs, ratio=ratio)
+    with one_thread():
+        want = _run_lars(REF, s64, knobs, ratio=ratio)
     _close([got], [want], rtol=2e-6, atol=0, msg="sums")
     _close(c.params, s64.params, msg="params")
     _close(c.states[0], s64.states[0], msg="momentum_buffer")
@@ -425,16 +447,28 @@ def test_errors_are_clean(cpp):
         cpp.sumsq([torch.zeros(3)], torch.tensor([2]), 2)
 
 
-def test_build_failure_is_a_clean_exception(monkeypatch):
+def test_build_failure_is_a_clean_exception(monkeypatch, tmp_path):
     import ds_conadv.kernels.cpu as cpu
+    from ds_conadv.optim import backends
 
     monkeypatch.setattr(cpu, "_module", None)
     monkeypatch.setattr(cpu, "_error", None)
-    monkeypatch.setattr(cpu, "_SOURCES", ["cpu/does_not_exist.cpp"])
+    # a source that does not compile (built in a scratch cache directory)
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++;\n")
+    monkeypatch.setenv("DS_CONADV_EXT_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr(cpu, "_SOURCES", [str(broken)])
     with pytest.raises(cpu.CppKernelsUnavailable):
         cpu.CppKernels()
     with pytest.raises(cpu.CppKernelsUnavailable, match="earlier"):  # remembered, not rebuilt
         cpu.CppKernels()
+    # backend="auto" then falls back to foreach with a warning; backend="cpp" names the reason
+    monkeypatch.setattr(backends, "_cache", {})
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="cpp"):
+        assert backends.get_kernels("auto", torch.device("cpu")).name == "foreach"
+    with pytest.raises(backends.BackendUnavailable, match="cpp"):
+        backends.get_kernels("cpp", torch.device("cpu"))
     monkeypatch.setattr(cpu, "_error", None)
     monkeypatch.setenv("DS_CONADV_DISABLE_CPP", "1")
     with pytest.raises(cpu.CppKernelsUnavailable, match="disabled"):
@@ -469,7 +503,8 @@ OPT_CASES = [(LAMB, n, k) for n, k in LAMB_KNOBS.items()] + [(LARS, n, k) for n,
 @pytest.mark.parametrize("cls,name,knobs", OPT_CASES, ids=[f"{c.__name__}-{n}" for c, n, _ in OPT_CASES])
 def test_optimizer_cpp_matches_reference_fp64(cpp, chunk, cls, name, knobs):
     params, grads = problem(sizes=_opt_sizes(chunk), steps=20)
-    _, _, want = _run(cls, params, grads, "reference", F64, **knobs)
+    with one_thread():
+        _, _, want = _run(cls, params, grads, "reference", F64, **knobs)
     opt, _, got = _run(cls, params, grads, "cpp", torch.float32, **knobs)
     assert all(s["step"].item() == 20 for s in opt.state.values())
     assert_close_list(got, want, msg=f"{cls.__name__}[cpp] {name}")
@@ -479,7 +514,8 @@ def test_optimizer_cpp_matches_reference_fp64(cpp, chunk, cls, name, knobs):
 def test_optimizer_lr_tensor(cpp, chunk, cls):
     params, grads = problem(sizes=_opt_sizes(chunk), steps=20, seed=1)
     knobs = dict(trust_clip=True) if cls is LARS else dict(min_trust_ratio=0.1, max_trust_ratio=5.0)
-    _, _, want = _run(cls, params, grads, "reference", F64, **knobs)
+    with one_thread():
+        _, _, want = _run(cls, params, grads, "reference", F64, **knobs)
     _, _, got = _run(cls, params, grads, "cpp", torch.float32, lr_tensor=True, **knobs)
     assert_close_list(got, want)
 
@@ -489,7 +525,8 @@ def test_optimizer_lr_tensor(cpp, chunk, cls):
 def test_optimizer_low_precision_master_weights(cpp, chunk, cls, dtype):
     params, grads = problem(sizes=_opt_sizes(chunk), steps=20, seed=2, round_to=dtype)
     knobs = dict(max_grad_norm=1.0) if cls is LAMB else dict(nesterov=True)
-    _, _, want = _run(cls, params, grads, "reference", F64, **knobs)
+    with one_thread():
+        _, _, want = _run(cls, params, grads, "reference", F64, **knobs)
     _, ps, got = _run(cls, params, grads, "cpp", dtype, master_weights=True, **knobs)
     assert_close_list(got, want, rtol=5e-5, atol=5e-6, msg=f"{cls.__name__} {dtype} masters")
     for p, w in zip(ps, got):
@@ -501,7 +538,8 @@ def test_optimizer_low_precision_master_weights(cpp, chunk, cls, dtype):
 def test_optimizer_low_precision_params_in_place(cpp, chunk, cls):
     """bf16 params without master weights: the same as the reference kernels on the same bf16 tensors."""
     params, grads = problem(sizes=_opt_sizes(chunk), steps=5, seed=4, round_to=torch.bfloat16)
-    _, ref_ps, _ = _run(cls, params, grads, "reference", torch.bfloat16)
+    with one_thread():
+        _, ref_ps, _ = _run(cls, params, grads, "reference", torch.bfloat16)
     _, ps, _ = _run(cls, params, grads, "cpp", torch.bfloat16)
     for p, r in zip(ps, ref_ps):
         diff = (p.detach().to(F64) - r.detach().to(F64)).abs()
@@ -520,7 +558,8 @@ def test_optimizer_segment_layout(cpp, chunk, cls):
         fragments.append([(a, b - a, k) for a, b in zip(cuts[:-1], cuts[1:])])
         num_ids = k + 1
     layout = SegmentLayout(fragments=fragments, num_ids=num_ids)
-    _, _, want = _run(cls, params, grads, "reference", F64)
+    with one_thread():
+        _, _, want = _run(cls, params, grads, "reference", F64)
     _, _, got = _run(cls, params, grads, "cpp", torch.float32, layout=layout)
     assert_close_list(got, want)
 

@@ -137,7 +137,7 @@ class CppKernels:
         if seg.states and seg.states[0]:
             dtype = seg.states[0][0].dtype
         sums = self._ext.lars_phase1(seg.params, seg.grads, seg.seg_ids, int(seg.num_ids), skip)
-        if grad_coef is not None:
+        if grad_coef is not None and not (skip is not None and bool(skip)):  # a skipped step may carry a NaN coef
             sums[:, 0] *= grad_coef.to(torch.float64).square()
         return sums.to(dtype)
 
