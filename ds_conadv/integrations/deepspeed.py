@@ -82,6 +82,18 @@ def _strip_own_clipping(optimizer: TrustRatioOptimizer) -> Optional[float]:
     return values.pop() if values else None
 
 
+def _check_absa(section) -> None:
+    """Validate an ``"absa"`` section; its engine integration does not exist yet, so enabling it is refused
+    rather than silently ignored (the policy itself is ds_conadv.absa.ABSASchedule)."""
+    if section is None:
+        return
+    from ds_conadv.absa import ABSAConfig
+
+    if ABSAConfig.from_section(section).enabled:
+        raise ConfigError('"absa.enabled": true is not supported by ds_conadv.initialize yet (the ABSA policy exists '
+                          "as ds_conadv.absa.ABSASchedule; its DeepSpeed/Horovod driver does not)")
+
+
 def validate_config(config) -> Dict[str, Any]:
     """Check a config (dict or path) the way :func:`initialize` does, without a model or ranks: our sections
     (``"conadv"``, a LAMB/LARS ``"optimizer"``, our scheduler types), the clipping rule, then DeepSpeed's own
@@ -90,6 +102,7 @@ def validate_config(config) -> Dict[str, Any]:
 
     cfg = strip_comments(load_config(config=config))
     ConAdvConfig.from_section(cfg.pop("conadv", None))
+    _check_absa(cfg.pop("absa", None))
     cfg.pop("train", None)  # ds-conadv train's own section (validated by ds_conadv.train)
     section = cfg.get("optimizer")
     cls = optimizer_class(section.get("type", "")) if isinstance(section, dict) else None
@@ -132,6 +145,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         args = argparse.Namespace(**{**vars(args), "deepspeed_config": None})  # we pass the config ourselves
     has_conadv = "conadv" in cfg
     conadv = ConAdvConfig.from_section(cfg.pop("conadv", None))
+    _check_absa(cfg.pop("absa", None))
     if conadv.enabled and conadv.dual_bn:
         if model is None:
             raise ConfigError('"conadv.dual_bn" needs model= (its BatchNorm layers get an adversarial twin)')
