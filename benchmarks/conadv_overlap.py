@@ -141,6 +141,8 @@ def rank_main(args):
         out = os.environ["DS_CONADV_BENCH_OUT"]
         with open(out, "w", encoding="utf-8") as f:
             json.dump({"per_rank": gathered}, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # exiting with gloo's threads alive can abort the process
 
 
 def summarize(raw, args):

@@ -87,3 +87,8 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # an orderly shutdown: a rank that exits with gloo's threads still alive can abort (seen once in CI: SIGABRT,
+    # "terminate called without an active exception")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
