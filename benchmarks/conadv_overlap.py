@@ -53,6 +53,31 @@ def _pct(values, q):
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
 
 
+def interleaved_rounds(step, generate, args, barrier, sync=lambda: None):
+    """Per-round mean step time of every mode (and of one generation pass alone), the modes interleaved in each
+    round so that machine noise hits all alike; two warm-up steps per mode first. Shared with the Horovod run."""
+    for mode in MODES:
+        for _ in range(2):
+            step(mode)
+    per_round = {m: [] for m in MODES + ("gen",)}
+    for _ in range(args.rounds):
+        for mode in MODES:
+            barrier()
+            sync()
+            t = time.perf_counter()
+            for _ in range(args.steps_per_round):
+                step(mode)
+            sync()
+            per_round[mode].append((time.perf_counter() - t) / args.steps_per_round)
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.steps_per_round):
+            generate()
+        sync()
+        per_round["gen"].append((time.perf_counter() - t) / args.steps_per_round)
+    return per_round
+
+
 def rank_main(args):
     import torch
 
@@ -115,26 +140,8 @@ def rank_main(args):
         else:
             eng.train_batch(streams[mode])
 
-    for mode in MODES:  # warm-up
-        for _ in range(2):
-            step(mode)
-    per_round = {m: [] for m in MODES + ("gen",)}
-    gen_engine = engines["conadv"]
-    for _ in range(args.rounds):
-        for mode in MODES:
-            torch.distributed.barrier()
-            sync()
-            t = time.perf_counter()
-            for _ in range(args.steps_per_round):
-                step(mode)
-            sync()
-            per_round[mode].append((time.perf_counter() - t) / args.steps_per_round)
-        sync()
-        t = time.perf_counter()
-        for _ in range(args.steps_per_round):
-            gen_engine.generate(fixed_x, fixed_y)
-        sync()
-        per_round["gen"].append((time.perf_counter() - t) / args.steps_per_round)
+    per_round = interleaved_rounds(step, lambda: engines["conadv"].generate(fixed_x, fixed_y), args,
+                                   barrier=torch.distributed.barrier, sync=sync)
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, per_round)
     if rank == 0:

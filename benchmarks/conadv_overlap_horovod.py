@@ -88,22 +88,8 @@ def rank_main(args):
         else:
             tr.train_batch(streams[mode])
 
-    for mode in MODES:  # warm-up
-        for _ in range(2):
-            step(mode)
-    per_round = {m: [] for m in MODES + ("gen",)}
-    gen_trainer = trainers["conadv"]
-    for _ in range(args.rounds):
-        for mode in MODES:
-            hvd.barrier()
-            t = time.perf_counter()
-            for _ in range(args.steps_per_round):
-                step(mode)
-            per_round[mode].append((time.perf_counter() - t) / args.steps_per_round)
-        t = time.perf_counter()
-        for _ in range(args.steps_per_round):
-            gen_trainer.generate(fixed_x, fixed_y)
-        per_round["gen"].append((time.perf_counter() - t) / args.steps_per_round)
+    per_round = base.interleaved_rounds(step, lambda: trainers["conadv"].generate(fixed_x, fixed_y), args,
+                                        barrier=hvd.barrier)
     gathered = hvd.allgather_object(per_round)
     if rank == 0:
         with open(os.environ["DS_CONADV_BENCH_OUT"], "w", encoding="utf-8") as f:
