@@ -5,6 +5,8 @@ Usage: conadv_train.py --stage S --mode conadv|disadv|vanilla|plain --steps N --
 """
 import argparse
 import json
+import sys
+import os
 
 import torch
 
@@ -103,3 +105,8 @@ if __name__ == "__main__":
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    # DeepSpeed 0.19 on CPU still aborts now and then in a C++ destructor at interpreter exit (a joinable
+    # std::thread; seen twice in CI after the results were written): leave without running those destructors
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -92,3 +92,8 @@ if __name__ == "__main__":
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    # DeepSpeed 0.19 on CPU still aborts now and then in a C++ destructor at interpreter exit (a joinable
+    # std::thread; seen twice in CI after the results were written): leave without running those destructors
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
