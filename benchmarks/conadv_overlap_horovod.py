@@ -69,20 +69,18 @@ def rank_main(args):
         named = [(f"{mode}.{n}", p) for n, p in m.named_parameters()]  # unique allreduce names per trainer
         return HorovodConAdvTrainer(m, distributed_optimizer(opt, named_parameters=named), cfg=cfg)
 
-    def data():
-        gen = torch.Generator().manual_seed(rank)
-        while True:
-            yield torch.randn(args.batch, 256, generator=gen), torch.randint(0, 10, (args.batch,), generator=gen)
-
+    pool = base.batch_pool(args, rank, torch.device("cpu"))
     trainers = {m: trainer(m) for m in MODES}
-    streams = {m: data() for m in MODES}
-    fixed_x, fixed_y = next(data())
-    fixed_adv = (fixed_x + 0.05).detach()
+    streams = {m: base.batch_stream(pool) for m in MODES}
+    fixed_x, fixed_y = pool[0]
+    fixed_adv = [(x + 0.05).detach() for x, _ in pool]  # no_gen's stand-in adversarial batches
+    no_gen_index = iter(base.batch_stream(list(range(len(pool)))))
 
     def step(mode):
         tr = trainers[mode]
         if mode == "no_gen":
-            tr.forward_backward(fixed_x, fixed_y, fixed_adv)
+            x, y = next(streams["no_gen"])
+            tr.forward_backward(x, y, fixed_adv[next(no_gen_index)])
             tr.finish_reduction()
             tr.optimizer_step()
         else:

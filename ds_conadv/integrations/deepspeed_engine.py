@@ -10,6 +10,12 @@ adversarial examples on the calling thread meanwhile (torch and gloo release the
 put on its own CUDA stream). Then it joins the thread and steps. Nothing of DeepSpeed's reduction is
 re-implemented, so every ZeRO stage reduces exactly as it does without ConAdv.
 
+When the generation starts (``generation_start``): by default (``"reduction"``) once the worker thread enters
+DeepSpeed's backward epilogue, i.e. the backward compute is done and the reduction begins. Starting it together
+with the backward (``"backward"``) makes the two passes compete for the GIL (each op dispatch of one thread
+waits for the other's Python), for the CPU cores and, on GPU, for the autograd engine's one device thread and
+the SMs: measured in ``benchmarks/conadv_overlap.py --compare-start`` (docs/benchmarks.md).
+
 The generation pass cannot race with the reduction: it takes ``torch.autograd.grad`` w.r.t. the inputs only
 (no ``.grad`` is written, no gradient hook fires) and freezes BN running statistics. ZeRO 3 gathers parameters
 with collectives inside the forward, which must not interleave with the backward's: there the generation runs
@@ -18,6 +24,7 @@ after the backward (no overlap; documented, not hidden).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Dict, Optional
@@ -39,9 +46,15 @@ class DeepSpeedConAdvEngine(ConAdvTrainer):
     the DeepSpeed engine's, so the object is a drop-in for it. ``enabled: false`` gives vanilla DeepSpeed training.
     """
 
+    GENERATION_STARTS = ("reduction", "backward")
+
     def __init__(self, ds_engine, cfg: ConAdvConfig, loss_fn: Optional[Callable] = None, *,
-                 overlap: Optional[bool] = None, seed: int = 0, steps_per_epoch: Optional[int] = None):
+                 overlap: Optional[bool] = None, seed: int = 0, steps_per_epoch: Optional[int] = None,
+                 generation_start: str = "reduction"):
+        if generation_start not in self.GENERATION_STARTS:
+            raise ValueError(f"generation_start={generation_start!r}: expected one of {self.GENERATION_STARTS}")
         self.ds = ds_engine
+        self.generation_start = generation_start
         stage = ds_engine.zero_optimization_stage() if ds_engine.zero_optimization() else 0
         self.overlap = (stage < 3) if overlap is None else bool(overlap)
         if self.overlap and stage >= 3:
@@ -55,6 +68,30 @@ class DeepSpeedConAdvEngine(ConAdvTrainer):
         self._pending: Optional[Future] = None
         self._stream = torch.cuda.Stream(device=ds_engine.device) if ds_engine.device.type == "cuda" else None
         self.last_timings: Dict[str, float] = {}
+        # set by the worker when the backward compute is over (DeepSpeed's epilogue = the reduction begins)
+        self._reduction_started = threading.Event()
+        self._reduction_started.set()
+        if self.overlap:
+            self._signal_epilogue()
+
+    def _signal_epilogue(self) -> None:
+        """Wrap this engine's ``_backward_epilogue`` (the point where ``engine.backward`` has finished the autograd
+        pass and starts the gradient reduction) so that it wakes the generation. A DeepSpeed without it (the
+        method is private) still works: the generation then waits for the whole ``engine.backward``."""
+        original = getattr(self.ds, "_backward_epilogue", None)
+        if original is None or getattr(original, "_ds_conadv_signal", False):
+            return
+
+        def epilogue(*args, **kwargs):
+            self._reduction_started.set()
+            t = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:  # the reduction's wall time on the worker (host-side on GPU): what the generation can hide in
+                self.last_timings["reduction"] = time.perf_counter() - t
+
+        epilogue._ds_conadv_signal = True
+        self.ds._backward_epilogue = epilogue
 
     # -- drop-in for the DeepSpeed engine ------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -82,9 +119,20 @@ class DeepSpeedConAdvEngine(ConAdvTrainer):
         if self._worker is None:  # one long-lived thread: no thread start per step
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ds_conadv-backward")
         # backward compute + DeepSpeed's reduction (at the boundary); an exception re-raises in finish_reduction
-        self._pending = self._worker.submit(self.ds.backward, loss)
+        self._reduction_started.clear()
+        self._pending = self._worker.submit(self._backward_on_worker, loss)
+
+    def _backward_on_worker(self, loss: torch.Tensor) -> None:
+        try:
+            self.ds.backward(loss)
+        finally:
+            self._reduction_started.set()  # never leave the generation waiting (errors, no epilogue)
 
     def generate_next(self) -> int:
+        if self.generation_start == "reduction" and self._pending is not None:
+            t = time.perf_counter()
+            self._reduction_started.wait()
+            self.last_timings["wait_backward_compute"] = time.perf_counter() - t
         if self._stream is None:
             return super().generate_next()
         self._stream.wait_stream(torch.cuda.current_stream(self.ds.device))

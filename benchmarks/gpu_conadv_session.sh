@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One short GPU session for the ConAdv overlap (issue 5): two DeepSpeed ranks share the GPU through gloo
+# (NCCL refuses two ranks on one device), ZeRO 0 and 2, with and without CUDA MPS, each with the generation
+# started at the reduction (default) and with the backward (conadv_bwd).
+# Expects: repo root as cwd; wheels in .whl/ (DeepSpeed + deps); $OUT.
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/ds_conadv_gpu}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+export PYTHONPATH="$PWD:/tmp/site"
+[ -e ds_conadv/kernels ] || ln -sfn ../kernels ds_conadv/kernels  # what setup.py's package_dir does
+LOG="$OUT/session.log"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$LOG" 2>&1
+run() {  # $1: tag, rest: arguments
+    local tag=$1; shift
+    echo "=== $tag: $*" >> "$LOG"
+    timeout 110 python3 benchmarks/conadv_overlap.py --device cuda --compare-start --tag "$tag" \
+        --json "$OUT/conadv_overlap-cuda-$tag.json" "$@" 2>&1 | grep -v -i "warn\|return func" | tail -22 >> "$LOG"
+}
+run s2-b2048 --stage 2 --batch 2048 --rounds 30
+run s0-b2048 --stage 0 --batch 2048 --rounds 30
+# The same with CUDA MPS: without it the two ranks' processes time-slice the GPU, so one rank's generation
+# kernels can stall the other rank's gloo staging copies (a one-GPU artefact; ranks on separate GPUs have none).
+if command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
+    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+    if nvidia-cuda-mps-control -d >> "$LOG" 2>&1; then
+        echo "MPS daemon started" >> "$LOG"
+        timeout 30 python3 -c "import torch; print('MPS client ok', torch.ones(1, device='cuda').item())" >> "$LOG" 2>&1 &&
+        run s2-b2048-mps --stage 2 --batch 2048 --rounds 30
+        run s0-b2048-mps --stage 0 --batch 2048 --rounds 30 &&
+        run s2-b256-mps --stage 2 --batch 256 --rounds 30
+        echo quit | nvidia-cuda-mps-control >> "$LOG" 2>&1
+    fi
+else
+    echo "no nvidia-cuda-mps-control" >> "$LOG"
+fi
+cat "$LOG"
