@@ -3,7 +3,7 @@
 The ``"absa"`` section (:class:`ABSAConfig`) and :class:`ABSASchedule`, which turns a sequence of per-epoch top
 Hessian eigenvalues into the batch size, learning rate and adversarial ratio of the next epochs. The integrations
 (DeepSpeed ``set_train_batch_size``, Horovod ``backward_passes_per_step``) and the eigenvalue computation
-(:mod:`ds_conadv.hessian`) drive it; it imports neither.
+(:mod:`ds_conadv.hessian`) drive it (:mod:`ds_conadv.absa_driver`); it imports neither.
 
 Rules, checked once per epoch in :meth:`ABSASchedule.end_epoch`:
 
@@ -15,19 +15,21 @@ Rules, checked once per epoch in :meth:`ABSASchedule.end_epoch`:
 * growing multiplies the global batch by ``factor`` (capped at ``max_batch``; the applied factor f is the ratio
   actually reached), the learning rate by f (``lr_scaling: "linear"``) or √f (``"sqrt"``), and divides the
   adversarial ratio (the fraction of each batch trained on FGSM examples) by f;
-* at ``max_batch`` or from ``stop_epoch`` on, eigenvalue checks and adversarial training stop (ratio 0).
+* at ``max_batch`` or from ``stop_epoch`` on, eigenvalue checks and adversarial training stop (ratio 0);
+* with ``enabled: false`` nothing is checked, the batch never grows and no example is adversarial.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar, Dict, List, Literal, Optional
+from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Sequence
 
 from pydantic import Field, model_validator
 
 from ds_conadv.config import ConfigError, SectionModel
 
-__all__ = ["ABSAConfig", "ABSASchedule", "ABSAEpoch", "accumulation_steps"]
+__all__ = ["ABSAConfig", "ABSASchedule", "ABSAEpoch", "accumulation_steps", "reachable_batches",
+           "check_reachable_batches", "plot_log"]
 
 
 class ABSAConfig(SectionModel):
@@ -37,6 +39,8 @@ class ABSAConfig(SectionModel):
     enabled: bool = False
     interval: int = Field(1, ge=1, description="epochs between eigenvalue checks")
     eig_batches: int = Field(10, ge=1, description="batches the top eigenvalue is measured on")
+    eig_max_iter: int = Field(10, ge=1, description="power-iteration products per check at most (HessianFlow: 10)")
+    eig_tol: float = Field(1e-2, gt=0.0, description="stop the power iteration at this relative change")
     eig_ratio: float = Field(0.5, gt=0.0, le=1.0, description="grow when lambda <= eig_ratio * lambda_ref")
     duration: int = Field(10, ge=1, description="grow anyway after this many epochs without growth")
     factor: int = Field(2, ge=2, description="batch multiplier per growth")
@@ -84,6 +88,8 @@ class ABSASchedule:
     def __post_init__(self):
         if self.adv_ratio < 0:
             self.adv_ratio = self.cfg.adv_ratio
+        if not self.cfg.enabled:
+            self._stop()
         if self.cfg.max_batch is not None and self.batch > self.cfg.max_batch:
             raise ConfigError(f'the starting batch {self.batch} is larger than "absa.max_batch" = {self.cfg.max_batch}')
         if self.cfg.max_batch is not None and self.batch >= self.cfg.max_batch:
@@ -150,30 +156,12 @@ class ABSASchedule:
         self.history = [ABSAEpoch(**h) for h in state["history"]]
 
     def plot(self, path: str) -> str:
-        """Eigenvalue, batch, LR and adversarial ratio per epoch, as a PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        epochs = [h.epoch for h in self.history]
-        fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-        eig = [(h.epoch, h.eigenvalue) for h in self.history if h.eigenvalue is not None]
-        if eig:
-            axes[0].plot(*zip(*eig), "o-")
-        for ax, values, title in ((axes[1], [h.batch for h in self.history], "global batch"),
-                                  (axes[2], [h.lr for h in self.history], "learning rate"),
-                                  (axes[3], [h.adv_ratio for h in self.history], "adversarial ratio")):
-            ax.step(epochs, values, where="post")
-            ax.set_title(title)
-        axes[0].set_title("top Hessian eigenvalue")
-        for ax in axes:
-            ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        """Eigenvalue, batch, LR (here: whatever ``lr`` the schedule was given, times the factors), adversarial
+        ratio and optimizer steps per epoch, as a PNG (see :func:`plot_log`). Each row is the state *after* that
+        epoch's decision."""
+        rows = [{"epoch": h.epoch, "eigenvalue": h.eigenvalue, "global_batch": h.batch, "lr": h.lr,
+                 "adv_ratio": h.adv_ratio, "total_steps": h.steps, "grew": h.grew} for h in self.history]
+        return plot_log(rows, path)
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
@@ -184,3 +172,69 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> 
         raise ConfigError(f"global batch {global_batch} is not a multiple of micro batch {micro_batch} x "
                           f"{world_size} ranks = {unit}; choose max_batch/factor so every size divides")
     return global_batch // unit
+
+
+def reachable_batches(start: int, cfg: ABSAConfig) -> List[int]:
+    """Every global batch the schedule can reach from ``start``: start, start·f, start·f², ... capped at
+    ``max_batch`` (just ``[start]`` when disabled or already at the cap)."""
+    sizes = [int(start)]
+    if not cfg.enabled or cfg.max_batch is None:
+        return sizes
+    while sizes[-1] < cfg.max_batch:
+        sizes.append(min(sizes[-1] * cfg.factor, cfg.max_batch))
+    return sizes
+
+
+def check_reachable_batches(start: int, cfg: ABSAConfig, micro_batch: int, world_size: int) -> List[int]:
+    """Gradient accumulation steps for every reachable batch, checked before training starts (a batch that does
+    not divide would otherwise fail epochs later, at its growth). Raises :class:`ConfigError` naming the batch,
+    the micro batch, the number of ranks and the whole sequence."""
+    if cfg.max_batch is not None and start > cfg.max_batch:
+        raise ConfigError(f'the starting global batch {start} is larger than "absa.max_batch" = {cfg.max_batch}')
+    sizes = reachable_batches(start, cfg)
+    try:
+        return [accumulation_steps(b, micro_batch, world_size) for b in sizes]
+    except ConfigError as e:
+        raise ConfigError(f"ABSA can grow the global batch through {sizes} (start {start}, \"factor\" "
+                          f"{cfg.factor}, \"max_batch\" {cfg.max_batch}): {e}") from None
+
+
+def plot_log(rows: Sequence[Mapping[str, Any]], path: str, title: Optional[str] = None) -> str:
+    """One PNG with five panels per epoch: top eigenvalue (measured epochs only), global batch, learning rate,
+    adversarial ratio and cumulative optimizer steps. ``rows`` are dicts with ``epoch``, ``eigenvalue`` (None when
+    not measured), ``global_batch``, ``lr``, ``adv_ratio``, ``total_steps`` and ``grew``; a dashed line marks the
+    end of each epoch after which the batch grew. Matplotlib's Agg canvas, without pyplot (the global backend
+    is untouched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [r["epoch"] for r in rows]
+    fig = Figure(figsize=(20, 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 5, sharex=True)
+    eig = [(r["epoch"], r["eigenvalue"]) for r in rows if r.get("eigenvalue") is not None]
+    if eig:
+        axes[0].plot(*zip(*eig), "o-")
+    axes[0].set_title("top Hessian eigenvalue")
+    # per-epoch settings as steps (constant over the epoch); the step count accumulates
+    panels = (("global_batch", "global batch", "steps-mid"), ("lr", "learning rate", "steps-mid"),
+              ("adv_ratio", "adversarial ratio", "steps-mid"), ("total_steps", "optimizer steps (total)", "default"))
+    for ax, (key, name, style) in zip(axes[1:], panels):
+        ax.plot(epochs, [r[key] for r in rows], "o-", drawstyle=style, ms=3)
+        ax.set_title(name)
+    batches = sorted({r["global_batch"] for r in rows})
+    if len(batches) > 1:
+        axes[1].set_yscale("log", base=2)
+        axes[1].set_yticks(batches, [str(b) for b in batches])
+        axes[1].minorticks_off()
+    for ax in axes:
+        for r in rows:
+            if r.get("grew"):
+                ax.axvline(r["epoch"] + 0.5, color="grey", ls="--", lw=0.8)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path

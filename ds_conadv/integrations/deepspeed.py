@@ -82,16 +82,39 @@ def _strip_own_clipping(optimizer: TrustRatioOptimizer) -> Optional[float]:
     return values.pop() if values else None
 
 
-def _check_absa(section) -> None:
-    """Validate an ``"absa"`` section; its engine integration does not exist yet, so enabling it is refused
-    rather than silently ignored (the policy itself is ds_conadv.absa.ABSASchedule)."""
+def _check_absa(section, cfg: Dict[str, Any], conadv: ConAdvConfig):
+    """Validate an ``"absa"`` section against the rest of the config (``cfg``: the DeepSpeed config without our
+    sections); returns its :class:`~ds_conadv.absa.ABSAConfig`, or ``None`` without a section. When enabled:
+    no ``"conadv.enabled"`` beside it, an epsilon for the adversarial share, ZeRO stage 0-2 (the eigenvalue
+    needs the full parameters), and every global batch ABSA can reach a multiple of the micro batch (the number
+    of ranks is checked by the driver, which knows it)."""
     if section is None:
-        return
-    from ds_conadv.absa import ABSAConfig
+        return None
+    from ds_conadv.absa import ABSAConfig, accumulation_steps, reachable_batches
+    from ds_conadv.absa_driver import attack_config
 
-    if ABSAConfig.from_section(section).enabled:
-        raise ConfigError('"absa.enabled": true is not supported by ds_conadv.initialize yet (the ABSA policy exists '
-                          "as ds_conadv.absa.ABSASchedule; its DeepSpeed/Horovod driver does not)")
+    absa = ABSAConfig.from_section(section)
+    if not absa.enabled:
+        return absa
+    attack_config(absa, conadv)
+    zero = cfg.get("zero_optimization")
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if isinstance(stage, int) and stage >= 3:
+        raise ConfigError(f'"absa.enabled": true needs "zero_optimization.stage" 0, 1 or 2, got {stage}: the top '
+                          "eigenvalue needs the full parameters on every rank")
+    start, micro = cfg.get("train_batch_size"), cfg.get("train_micro_batch_size_per_gpu")
+    if isinstance(start, int) and isinstance(micro, int) and micro > 0:
+        if start > absa.max_batch:
+            raise ConfigError(f'"train_batch_size" = {start} is larger than "absa.max_batch" = {absa.max_batch}')
+        sizes = reachable_batches(start, absa)
+        for batch in sizes:
+            try:
+                accumulation_steps(batch, micro, 1)
+            except ConfigError:
+                raise ConfigError(f'"absa" grows "train_batch_size" {start} through {sizes} ("factor" {absa.factor}, '
+                                  f'"max_batch" {absa.max_batch}); {batch} is not a multiple of '
+                                  f'"train_micro_batch_size_per_gpu" = {micro}') from None
+    return absa
 
 
 def validate_config(config) -> Dict[str, Any]:
@@ -101,8 +124,8 @@ def validate_config(config) -> Dict[str, Any]:
     from deepspeed.runtime.config import DeepSpeedConfig
 
     cfg = strip_comments(load_config(config=config))
-    ConAdvConfig.from_section(cfg.pop("conadv", None))
-    _check_absa(cfg.pop("absa", None))
+    conadv = ConAdvConfig.from_section(cfg.pop("conadv", None))
+    _check_absa(cfg.pop("absa", None), cfg, conadv)
     cfg.pop("train", None)  # ds-conadv train's own section (validated by ds_conadv.train)
     section = cfg.get("optimizer")
     cls = optimizer_class(section.get("type", "")) if isinstance(section, dict) else None
@@ -134,18 +157,32 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
 
     With a ``"conadv"`` section the engine returned is a :class:`DeepSpeedConAdvEngine` (a drop-in for the
     DeepSpeed engine with ``train_batch(data_iter)``); extra keywords for it: ``loss_fn`` (default cross-entropy),
-    ``conadv_seed``, ``steps_per_epoch`` (for the adversarial epoch window)."""
+    ``conadv_seed``, ``steps_per_epoch`` (for the adversarial epoch window).
+
+    With ``"absa": {"enabled": true}`` it is a :class:`~ds_conadv.absa_driver.DeepSpeedABSAEngine` instead (also a
+    drop-in, with ``train_batch(data_iter)``, ``end_epoch()``, ``steps_per_epoch(samples)``); a ``"conadv"``
+    section then only describes ABSA's attack and must not be enabled. Its keywords: ``loss_fn``, ``conadv_seed``
+    (the attack's seed) and ``absa_options``, a dict of further :class:`~ds_conadv.absa_driver.ABSADriver`
+    arguments (``eig_data``, ``eigenvalue_fn``, ``log_dir``)."""
     import deepspeed
 
     loss_fn = kwargs.pop("loss_fn", None)
     conadv_seed = kwargs.pop("conadv_seed", 0)
     steps_per_epoch = kwargs.pop("steps_per_epoch", None)
+    absa_options = kwargs.pop("absa_options", None)
     cfg = strip_comments(load_config(args, config, config_params))  # "_comment..." keys, at any depth
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = argparse.Namespace(**{**vars(args), "deepspeed_config": None})  # we pass the config ourselves
     has_conadv = "conadv" in cfg
     conadv = ConAdvConfig.from_section(cfg.pop("conadv", None))
-    _check_absa(cfg.pop("absa", None))
+    absa = _check_absa(cfg.pop("absa", None), cfg, conadv)
+    absa_on = absa is not None and absa.enabled
+    if absa_options is not None and not absa_on:
+        raise ConfigError('absa_options= given but the config has no "absa" section with "enabled": true')
+    if absa_on and steps_per_epoch is not None:
+        raise ConfigError('"absa.enabled": true with steps_per_epoch=: an ABSA run has no fixed epoch length (its '
+                          "steps per epoch shrink as the batch grows; use engine.steps_per_epoch(samples)); "
+                          "ds-conadv train does not drive ABSA: see docs/hessian.md for the ABSA loop")
     if conadv.enabled and conadv.dual_bn:
         if model is None:
             raise ConfigError('"conadv.dual_bn" needs model= (its BatchNorm layers get an adversarial twin)')
@@ -200,7 +237,12 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
         config=cfg, **kwargs)
     attach(engine)
-    if has_conadv:
+    if absa_on:
+        from ds_conadv.absa_driver import DeepSpeedABSAEngine
+
+        engine = DeepSpeedABSAEngine(engine, absa, loss_fn, attack=conadv if has_conadv else None, seed=conadv_seed,
+                                     **(absa_options or {}))
+    elif has_conadv:
         from ds_conadv.integrations.deepspeed_engine import DeepSpeedConAdvEngine
 
         engine = DeepSpeedConAdvEngine(engine, conadv, loss_fn, seed=conadv_seed, steps_per_epoch=steps_per_epoch)
