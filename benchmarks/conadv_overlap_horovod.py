@@ -109,6 +109,7 @@ def main(argv=None):
     with_ds = "--with-deepspeed" in argv
     argv = [a for a in argv if a != "--with-deepspeed"]
     args = base.parse_args(argv)
+    args.compare_start = False  # a DeepSpeed-engine option (its generation_start); passed on to --with-deepspeed
     if args.device != "cpu":
         raise SystemExit("this Horovod build is CPU/gloo only: --device cpu")
     if "HOROVOD_RANK" in os.environ:
