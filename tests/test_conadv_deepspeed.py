@@ -47,6 +47,26 @@ def test_zero_stages_agree_and_generation_overlaps(tmp_path):
     assert "buffer:1.adv.running_mean" in results[0]["params"]  # dual BN
 
 
+@pytest.mark.parametrize("start", ["reduction", "backward"])
+def test_generation_starts_when_the_reduction_begins(tmp_path, start):
+    """Default: the look-ahead generation waits until engine.backward reaches DeepSpeed's epilogue (the autograd
+    pass is over, the reduction starts); with generation_start="backward" it runs during the (slowed) backward."""
+    r = run(tmp_path, f"start_{start}", "--stage", "2", "--steps", "3", "--generation-start", start,
+            "--slow-backward", "0.3")
+    events = r["events"]
+    # step 0 generates x̂_0 before its forward (nothing to overlap); every later generate_start is step k's
+    # look-ahead, to be compared with step k's epilogue (the first layer's backward hook sleeps 0.3 s in each of
+    # the clean, adversarial and generation passes, so "during the backward" and "after it" are far apart)
+    gens = [t for what, t in events if what == "generate_start"][1:]
+    epilogues = [t for what, t in events if what == "epilogue_start"]
+    assert len(gens) == len(epilogues) == 3
+    for gen, epi in zip(gens, epilogues):
+        if start == "reduction":
+            assert gen >= epi
+        else:
+            assert gen < epi - 0.2
+
+
 def test_vanilla_is_plain_deepspeed(tmp_path):
     vanilla = run(tmp_path, "vanilla", "--stage", "2", "--mode", "vanilla")
     plain = run(tmp_path, "plain", "--stage", "2", "--mode", "plain")

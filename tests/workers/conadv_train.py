@@ -2,11 +2,13 @@
 
 Usage: conadv_train.py --stage S --mode conadv|disadv|vanilla|plain --steps N --out FILE
        [--dtype fp32|bf16] [--gas G] [--save-at K --ckpt DIR] [--resume DIR]
+       [--generation-start reduction|backward --slow-backward SECONDS]  (records when generation/epilogue start)
 """
 import argparse
 import json
 import sys
 import os
+import time
 
 import torch
 
@@ -47,6 +49,8 @@ def main():
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--resume", default=None)
     ap.add_argument("--norm", default="bn", choices=["bn", "ln"])
+    ap.add_argument("--generation-start", default=None, choices=["reduction", "backward"])
+    ap.add_argument("--slow-backward", type=float, default=0.0, help="sleep in the backward of the first layer")
     ap.add_argument("--local_rank", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -64,7 +68,28 @@ def main():
     if args.mode != "plain":
         config["conadv"] = {"enabled": args.mode != "vanilla", "tau": 0 if args.mode == "disadv" else 1,
                             "attack": "fgsm", "epsilon": 0.1, "input_range": [-4.0, 4.0], "dual_bn": args.norm == "bn"}
-    engine, *_ = ds_conadv.initialize(model=make_model(args.norm), config=config)
+    model = make_model(args.norm)
+    events = []  # (what, perf_counter): backward_slow_done, epilogue_start, generate_start
+    if args.slow_backward:
+        def slow(module, grad_input, grad_output):
+            time.sleep(args.slow_backward)
+            events.append(("backward_slow_done", time.perf_counter()))
+        model[0].register_full_backward_hook(slow)
+    engine, *_ = ds_conadv.initialize(model=model, config=config)
+    if args.generation_start is not None:
+        engine.generation_start = args.generation_start
+        epilogue, generate = engine.ds._backward_epilogue, engine.generate
+
+        def recorded_epilogue(*a, **k):
+            events.append(("epilogue_start", time.perf_counter()))
+            return epilogue(*a, **k)
+
+        def recorded_generate(*a, **k):
+            events.append(("generate_start", time.perf_counter()))
+            return generate(*a, **k)
+
+        engine.ds._backward_epilogue = recorded_epilogue
+        engine.generate = recorded_generate
     metrics = []
     start = 0
     if args.resume:
@@ -94,7 +119,7 @@ def main():
     for name, b in module.named_buffers():
         full["buffer:" + name] = b.float().reshape(-1).tolist()
     overlap = getattr(engine, "overlap", None)
-    json.dump({"rank": rank, "params": full, "metrics": metrics, "overlap": overlap,
+    json.dump({"rank": rank, "params": full, "metrics": metrics, "overlap": overlap, "events": events,
                "engine": type(engine).__name__}, open(f"{args.out}.rank{rank}", "w"))
 
 
