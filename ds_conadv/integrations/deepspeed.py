@@ -28,7 +28,6 @@ import gc
 import inspect
 import json
 import os
-import warnings
 from typing import Any, Dict, List, Optional
 
 import torch

@@ -287,7 +287,7 @@ def train_horovod(config: Union[str, Dict[str, Any]], *, max_steps: Optional[int
     say(f"[horovod] ranks={world} batch={tbs} (micro {micro} x accumulation {gas} x {world}) "
         f"steps={total} ({steps_per_epoch}/epoch) optimizer={type(optimizer).__name__} mode={mode}")
     t0 = time.perf_counter()
-    losses, step_times, exposed, history = [], [], [], []
+    losses, step_times, history = [], [], []
     metrics: Dict[str, Any] = {}
     while trainer.global_step < total:
         metrics = trainer.train_batch(data)

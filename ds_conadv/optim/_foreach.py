@@ -5,7 +5,7 @@ first pass for the second (one temporary the size of the params) instead of reco
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 from torch import Tensor

@@ -6,8 +6,6 @@ Usage: conadv_train.py --stage S --mode conadv|disadv|vanilla|plain --steps N --
 """
 import argparse
 import json
-import sys
-import os
 import time
 
 import torch
@@ -124,14 +122,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from rank_exit import leave_rank  # run as a script: tests/workers/ is on sys.path
+
     main()
-    # an orderly shutdown: a rank that exits with gloo's threads still alive can abort (seen once in CI: SIGABRT,
-    # "terminate called without an active exception")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    # DeepSpeed 0.19 on CPU still aborts now and then in a C++ destructor at interpreter exit (a joinable
-    # std::thread; seen twice in CI after the results were written): leave without running those destructors
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_rank()

@@ -5,8 +5,6 @@ Usage: ds_train.py --stage S --optimizer lamb|lars --dtype fp32|bf16 --steps N -
 """
 import argparse
 import json
-import os
-import sys
 
 import torch
 
@@ -86,14 +84,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from rank_exit import leave_rank  # run as a script: tests/workers/ is on sys.path
+
     main()
-    # an orderly shutdown: a rank that exits with gloo's threads still alive can abort (seen once in CI: SIGABRT,
-    # "terminate called without an active exception")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    # DeepSpeed 0.19 on CPU still aborts now and then in a C++ destructor at interpreter exit (a joinable
-    # std::thread; seen twice in CI after the results were written): leave without running those destructors
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_rank()

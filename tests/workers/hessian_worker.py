@@ -123,9 +123,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from rank_exit import leave_rank  # run as a script: tests/workers/ is on sys.path
+
     main()
-    # an orderly shutdown: a rank that exits with gloo's threads still alive can abort (seen once in CI: SIGABRT,
-    # "terminate called without an active exception")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_rank(hard=False)

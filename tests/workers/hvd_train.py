@@ -204,7 +204,7 @@ def check_equivalence(out, steps=4):
 
 # ----------------------------------------------------------------------------------------------------------
 def run_conadv(args):
-    rank, world = hvd.rank(), hvd.size()
+    rank = hvd.rank()
     cfg = ConAdvConfig(enabled=True, tau=1, epsilon=0.3, attack="pgd", steps=2, step_size=0.2, random_start=True,
                        random_start_prob=0.5, target="random", input_range=(-6.0, 6.0), dual_bn=True)
     model = prepare_model(mlp(bn=True), cfg)
