@@ -228,3 +228,46 @@ def test_main_job_under_horovodrun(tmp_path):
     horovodrun(args + ["--resume", str(tmp_path / "ck"), "--max-steps", "5", "--no-progress"])
     m2 = json.loads(out.read_text())
     assert m2["steps"] == 5 and math.isfinite(m2["final_loss"])
+
+
+def test_elastic_worker_removed_and_readded(tmp_path):
+    """hvd.elastic: a worker taken away and brought back (through the host discovery script) — training goes on
+    from the last commit at every membership change, the first step after a reset generates its adversarial
+    example synchronously (the look-ahead belonged to the old shard), and the ranks end with equal weights."""
+    need_horovod()
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:2\n")
+    discover = tmp_path / "discover.sh"
+    discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    discover.chmod(0o755)
+    prefix = str(tmp_path / "elastic")
+    # --network-interface lo: without it the elastic driver's interface discovery hangs on this machine
+    cmd = [str(HOROVODRUN), "--gloo", "--network-interface", "lo", "-np", "2", "--min-np", "1", "--max-np", "2",
+           "--host-discovery-script", str(discover), sys.executable, str(WORKERS / "hvd_elastic.py"),
+           "--hosts-file", str(hosts), "--out", prefix]
+    try:
+        proc = subprocess.run(cmd, env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        raise AssertionError(f"timed out after {TIMEOUT}s\n{out[-4000:]}") from None
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    ranks = [json.load(open(f"{prefix}.rank{r}")) for r in range(2)]
+    assert ranks[0]["phase"] == 4 and ranks[0]["size"] == 2, "the run did not go through remove and re-add"
+    log0 = ranks[0]["log"]
+    steps = [e["global_step"] for e in log0]
+    assert steps == list(range(1, len(steps) + 1)), "rank 0 lost or repeated committed steps"
+    sizes = [e["size"] for e in log0]
+    changes = [i for i in range(1, len(sizes)) if sizes[i] != sizes[i - 1]]
+    assert [sizes[0]] + [sizes[i] for i in changes] == [2, 1, 2]
+    for i, e in enumerate(log0):
+        if i == 0 or i in changes:
+            assert e["generated_now"] == 1 and e["stale_by"] == 0, f"step {e['global_step']}: {e}"
+        else:
+            assert e["generated_now"] == 0 and e["stale_by"] == 1, f"step {e['global_step']}: {e}"
+    joined = ranks[1]["log"]  # the worker started after the re-add (the first rank 1 was removed)
+    assert joined[0]["global_step"] == log0[changes[1]]["global_step"], "the new worker did not start from the commit"
+    assert all(e["size"] == 2 for e in joined)
+    for name, value in ranks[0]["params"].items():
+        assert value == ranks[1]["params"][name], f"ranks disagree on {name}"
+        assert all(math.isfinite(v) for v in value)
+

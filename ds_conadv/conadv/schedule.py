@@ -158,6 +158,18 @@ class ConAdvSchedule:
         """The look-ahead queue: the batches of steps step+1, step+2, ... (after next_batch)."""
         return tuple(self._queue)
 
+    def drop_lookahead(self) -> int:
+        """Forget the look-ahead batches (and their adversarial examples); returns how many. For a change of the
+        data stream between steps — e.g. an elastic reset that re-numbers the ranks — after which the next
+        ``tau`` steps pull their batches anew and generate synchronously, as step 0 does. ``batches_consumed``
+        then counts only the batches trained on."""
+        if self._current is not None:
+            raise RuntimeError("ConAdvSchedule.drop_lookahead in the middle of a step; call it after end_step")
+        dropped = len(self._queue)
+        self._queue.clear()
+        self.batches_consumed -= dropped
+        return dropped
+
     # ---- the step ---------------------------------------------------------------------------------------------
     def _pull(self, data_iter: Iterator) -> bool:
         try:
