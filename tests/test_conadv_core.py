@@ -280,6 +280,22 @@ def test_schedule_guards():
         ConAdvSchedule(cfg, steps_per_epoch=3).set_epoch(1)
 
 
+def test_drop_lookahead_makes_the_next_step_generate_now():
+    sched = ConAdvSchedule(conf())  # tau = 1
+    it = iter(data(6))
+    gen = (lambda x, y, g: x + 1)
+    with pytest.raises(RuntimeError, match="middle of a step"):
+        sched.next_batch(it, gen)
+        sched.drop_lookahead()
+    sched.generate_ahead(gen)
+    sched.end_step()
+    assert len(sched.pending) == 1 and sched.batches_consumed == 2
+    assert sched.drop_lookahead() == 1
+    assert sched.pending == () and sched.batches_consumed == 1  # only the batch trained on
+    b = sched.next_batch(it, gen)
+    assert b.step == 1 and b.generated_now and b.stale_by == 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # dual BN
 # ----------------------------------------------------------------------------------------------------------
