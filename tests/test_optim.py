@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -350,3 +351,80 @@ def test_fp64_params_take_fp64_math_under_auto():
     p.grad = torch.randn(5, dtype=torch.float64)
     opt.step()
     assert opt.state[p]["exp_avg"].dtype == torch.float64
+
+
+def _conv_net(channels_last: bool, dtype=torch.float32):
+    torch.manual_seed(0)
+    # no bias before BN: its gradient is rounding noise, which LAMB's m/sqrt(v) would amplify
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 5, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(5, 4)).to(dtype)
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def _train_conv(net, opt, steps=6, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(4, 3, 9, 9, generator=gen).to(dtype)
+        if net[0].weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        torch.nn.functional.cross_entropy(net(x).float(), torch.arange(4) % 4).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_params_equal_contiguous(backend, cls, dtype):
+    """channels_last convolution weights (apex's multi-tensor kernels take them too): the same steps as the
+    contiguous model, and the weights, state and master keep the channels_last layout."""
+    _backend_or_skip(backend)
+    nets = {cl: _conv_net(cl, dtype) for cl in (False, True)}
+    opts = {cl: cls(nets[cl].parameters(), lr=0.05, weight_decay=0.01, backend=backend,
+                    master_weights=dtype != torch.float32) for cl in nets}
+    for cl in nets:
+        _train_conv(nets[cl], opts[cl], dtype=dtype)
+    w = nets[True][0].weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    state = opts[True].state[w]
+    assert all(state[k].stride() == w.stride() for k in state if torch.is_tensor(state[k]) and state[k].dim() == 4)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-5)
+    for (name, a), b in zip(nets[False].named_parameters(), nets[True].parameters()):
+        torch.testing.assert_close(b.detach(), a.detach(), **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+def test_contiguous_state_loads_into_channels_last_model(cls):
+    """A checkpoint of a contiguous run resumes on the channels_last model (the state is re-laid once)."""
+    nets = {cl: _conv_net(cl) for cl in (False, True)}
+    opt_a = cls(nets[False].parameters(), lr=0.05, weight_decay=0.01)
+    _train_conv(nets[False], opt_a, steps=3)
+    nets[True].load_state_dict(nets[False].state_dict())
+    opt_b = cls(nets[True].parameters(), lr=0.05, weight_decay=0.01)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    _train_conv(nets[False], opt_a, steps=3)
+    _train_conv(nets[True], opt_b, steps=3)
+    for a, b in zip(nets[False].parameters(), nets[True].parameters()):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_overlapping_params_are_refused():
+    base = torch.zeros(4, requires_grad=True)
+    p = base.detach().as_strided((3, 2), (1, 1)).requires_grad_()  # overlapping: element 1 appears twice
+    p.grad = torch.ones(3, 2)
+    with pytest.raises(ValueError, match="dense params"):
+        LAMB([p]).step()
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+def test_channels_last_triton(cls):
+    """The Triton kernels take the flat views too (here under TRITON_INTERPRET=1; on GPU in the kernel tests)."""
+    if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs triton under TRITON_INTERPRET=1 (scripts/test.sh sets it)")
+    nets = {cl: _conv_net(cl) for cl in (False, True)}
+    opts = {cl: cls(nets[cl].parameters(), lr=0.05, weight_decay=0.01, backend="triton") for cl in nets}
+    for cl in nets:
+        _train_conv(nets[cl], opts[cl], steps=3)
+    for a, b in zip(nets[False].parameters(), nets[True].parameters()):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)

@@ -41,6 +41,22 @@ class SegmentLayout:
         return self._ids_cache[1]
 
 
+def _is_dense(t: Tensor) -> bool:
+    """Whether ``t`` covers its storage span exactly once (contiguous, channels_last, any permuted layout)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A 1-D view of a dense tensor in *memory* order: elementwise updates and norms do not care about the order,
+    so tensors that share one layout (a param, its gradient, state and master) can go to the kernels this way."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
 def _check_float(name: str, value, low=None, high=None, low_open=False):
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name}={value!r} must be a number")
@@ -138,11 +154,28 @@ class TrustRatioOptimizer(Optimizer):
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            # state and master take the param's layout (e.g. channels_last), so all of them can be flattened alike
             for name in self._state_names:
-                state[name] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.contiguous_format)
+                state[name] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
             if group["master_weights"] and p.dtype in _LOW_PRECISION:
-                state["master"] = p.detach().to(torch.float32).contiguous()
+                state["master"] = torch.empty_like(p, dtype=torch.float32).copy_(p.detach())
         return state
+
+    def _flat_members(self, p: Tensor, state: dict) -> Tensor:
+        """For a param that is not contiguous: check it is dense (e.g. channels_last), give its gradient, state
+        and master its layout where they differ (a gradient set by hand, state loaded from a contiguous run:
+        copied once, stored back), and return the gradient. The caller then passes flat views (:func:`_flat`)."""
+        if not _is_dense(p):
+            raise ValueError(f"{type(self).__name__} needs dense params (contiguous, channels_last or another "
+                             f"permutation of dims); got shape {tuple(p.shape)} with strides {p.stride()}")
+        g = p.grad
+        if g.stride() != p.stride():
+            g = p.grad = torch.empty_like(p, dtype=g.dtype).copy_(g)
+        for name in list(self._state_names) + ["master"]:
+            t = state.get(name)
+            if t is not None and t.stride() != p.stride():
+                state[name] = torch.empty_like(p, dtype=t.dtype).copy_(t)
+        return g
 
     def _check_grad(self, p: Tensor) -> None:
         g = p.grad
@@ -152,14 +185,17 @@ class TrustRatioOptimizer(Optimizer):
             raise TypeError(f"{type(self).__name__} does not support {g.dtype} gradients")
         if g.device != p.device or g.shape != p.shape:
             raise ValueError(f"gradient {tuple(g.shape)}@{g.device} does not match param {tuple(p.shape)}@{p.device}")
-        if not p.is_contiguous() or not g.is_contiguous():
-            raise ValueError(f"{type(self).__name__} needs contiguous params and gradients")
+        if not _is_dense(p):
+            raise ValueError(f"{type(self).__name__} needs dense params (contiguous, channels_last or another "
+                             f"permutation of dims); got shape {tuple(p.shape)} with strides {p.stride()}")
 
     def _collect(self, index: int, group: dict):
         """(params, grads, states, masters-or-None, step tensors) for the params of a group that have grads.
 
         This loop is most of the step's host time on a GPU (it runs per tensor): torch already guarantees a
-        ``.grad``'s shape and device, so only what it does not guarantee is checked here, cheaply."""
+        ``.grad``'s shape and device, so only what it does not guarantee is checked here, cheaply. Params that are
+        not contiguous but dense (channels_last convolution weights) go to the kernels as flat views of param,
+        gradient, state and master in one shared layout."""
         params, grads, states, models, steps = [], [], [[] for _ in self._state_names], [], []
         names = self._state_names
         state_of = self.state
@@ -167,18 +203,28 @@ class TrustRatioOptimizer(Optimizer):
             g = p.grad
             if g is None:
                 continue
-            if g.is_sparse or g.dtype not in _SUPPORTED_DTYPES or not g.is_contiguous():
+            contiguous = g.is_contiguous() and p.is_contiguous()
+            if g.is_sparse or g.dtype not in _SUPPORTED_DTYPES or not contiguous:
                 self._check_grad(p)  # raises the precise error
             state = state_of[p]
             if "step" not in state:
                 self._check_grad(p)
                 state = self._init_state(p, group)
             master = state.get("master")
-            params.append(p if master is None else master)
-            models.append(None if master is None else p)
-            grads.append(g)
-            for lst, name in zip(states, names):
-                lst.append(state[name])
+            if contiguous:
+                params.append(p if master is None else master)
+                models.append(None if master is None else p)
+                grads.append(g)
+                for lst, name in zip(states, names):
+                    lst.append(state[name])
+            else:
+                g = self._flat_members(p, state)
+                master = state.get("master")
+                params.append(_flat(p if master is None else master))
+                models.append(None if master is None else _flat(p))
+                grads.append(_flat(g))
+                for lst, name in zip(states, names):
+                    lst.append(_flat(state[name]))
             steps.append(state["step"])
         return params, grads, states, models, steps
 
