@@ -16,6 +16,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 
 import numpy as np
@@ -24,6 +25,9 @@ import torch
 
 import ds_conadv.kernels.cuda as dsc
 from ds_conadv.optim.functional import Segments, bias_corrections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_cases import cut  # noqa: E402
 
 CUDA_DIR = os.path.dirname(os.path.abspath(dsc.__file__))
 NVCC = shutil.which("nvcc")
@@ -98,17 +102,13 @@ def test_binding_compiles_against_cpu_torch_and_drives_the_kernels(binding_modul
         sizes = [1, 4097, 0, 9000]
         flat = torch.randn(sum(sizes) + 3, generator=gen)
 
-        def cut(buf):
-            out, off = [], 1
-            for n in sizes:
-                out.append(buf[off:off + n])
-                off += n
-            return out
+        def views(buf):  # unaligned: the first at element 1
+            return cut(buf, sizes, 1)
 
         pbuf = flat.clone()
-        ps, gs = cut(pbuf), cut(torch.randn(flat.numel(), generator=gen).to(torch.bfloat16))
-        ms, vs = cut(torch.zeros_like(flat)), cut(torch.zeros_like(flat))
-        bufs, models = cut(torch.zeros_like(flat)), cut(torch.zeros(flat.numel(), dtype=torch.float16))
+        ps, gs = views(pbuf), views(torch.randn(flat.numel(), generator=gen).to(torch.bfloat16))
+        ms, vs = views(torch.zeros_like(flat)), views(torch.zeros_like(flat))
+        bufs, models = views(torch.zeros_like(flat)), views(torch.zeros(flat.numel(), dtype=torch.float16))
         ids, steps = torch.tensor([0, 1, 1, 0]), torch.tensor([1.0, 1.0, 2.0, 2.0])
         lamb = Segments(ps, gs, [ms, vs], steps, models, ids, 2)
         bc1, bc2 = bias_corrections(steps, 0.9, 0.999, True)

@@ -362,13 +362,13 @@ def _conv_net(channels_last: bool, dtype=torch.float32):
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
-def _train_conv(net, opt, steps=6, dtype=torch.float32):
+def _train_conv(net, opt, steps=6, dtype=torch.float32, device="cpu"):
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        x = torch.randn(4, 3, 9, 9, generator=gen).to(dtype)
+        x = torch.randn(4, 3, 9, 9, generator=gen).to(device=device, dtype=dtype)
         if net[0].weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
-        torch.nn.functional.cross_entropy(net(x).float(), torch.arange(4) % 4).backward()
+        torch.nn.functional.cross_entropy(net(x).float(), (torch.arange(4) % 4).to(device)).backward()
         opt.step()
         opt.zero_grad()
 
@@ -428,3 +428,19 @@ def test_channels_last_triton(cls):
         _train_conv(nets[cl], opts[cl], steps=3)
     for a, b in zip(nets[False].parameters(), nets[True].parameters()):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda", "foreach"])
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_on_gpu(backend, cls, dtype):
+    nets = {cl: _conv_net(cl, dtype).cuda() for cl in (False, True)}
+    opts = {cl: cls(nets[cl].parameters(), lr=0.05, weight_decay=0.01, backend=backend,
+                    master_weights=dtype != torch.float32) for cl in nets}
+    for cl in nets:
+        _train_conv(nets[cl], opts[cl], dtype=dtype, device="cuda")
+    assert nets[True][0].weight.is_contiguous(memory_format=torch.channels_last)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-5)
+    for a, b in zip(nets[False].parameters(), nets[True].parameters()):
+        torch.testing.assert_close(b.detach(), a.detach(), **tol)

@@ -11,6 +11,8 @@ main cases and 4-8 steps for the rest of the knob matrix.
   launch count independent of the tensor count, no host sync);
 * optimizer level: ``LAMB/LARS(backend="triton")`` in fp32 (bf16/fp16 with master weights) vs
   ``backend="reference"`` in fp64, every knob.
+
+What the kernel tests of every backend share (cases, runners, asserts, common checks) is in kernel_cases.py.
 """
 from __future__ import annotations
 
@@ -29,10 +31,16 @@ pytest.importorskip("triton")
 import ds_conadv.kernels.triton as kt  # noqa: E402
 from ds_conadv.optim import LAMB, LARS, SegmentLayout  # noqa: E402
 from ds_conadv.optim import functional as F  # noqa: E402
-from ds_conadv.optim.functional import ReferenceKernels, Segments, bias_corrections  # noqa: E402
+from ds_conadv.optim.functional import Segments  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from optim_cases import LAMB_KNOBS, LARS_KNOBS, assert_close_list, problem, run_optimizer  # noqa: E402
+from kernel_cases import (  # noqa: E402
+    F64, LAMB_KERNEL_KNOBS, LARS_KERNEL_KNOBS, LARS_LOW_PRECISION_DTYPES, OPT_CASE_IDS, OPT_CASES, REF, Case,
+    Target, assert_model_copies, check_lamb_low_precision, check_lamb_segments_with_shared_ids,
+    check_lamb_skip_writes_nothing, check_lars_low_precision, check_lars_segments_and_skip, close, close_states,
+    lamb_kw, lamb_vs_reference, lars_vs_reference, rand, run_lamb, run_lars, scalar, sumsq_vs_reference, to64,
+)
+from optim_cases import assert_close_list, problem, run_optimizer  # noqa: E402
 
 if kt.INTERPRET:
     DEV = torch.device("cpu")
@@ -45,98 +53,17 @@ else:  # pragma: no cover - kernels compiled for a GPU that is not there
 ON_GPU = DEV.type == "cuda"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (compiled Triton kernels)")
 
-REF = ReferenceKernels()
 TK = kt.TritonKernels(DEV)
-F64 = torch.float64
+TARGET = Target("triton", TK, DEV)
 BLOCK = TK.block
 
 # odd sizes around the work-item size: full items, tails, a single element, an empty segment
 SIZES = [1, 7, 1000, BLOCK + 1, 2 * BLOCK - 3, 0, 33]
 
 
-def _rand(n, gen, scale=1.0):
-    return torch.randn(n, generator=gen, dtype=F64) * scale
-
-
-def _to64(ts):
-    return None if ts is None else [t.to(F64) for t in ts]
-
-
-class Case:
-    """Tensors of one kernel call (on DEV), plus fp64 copies for the reference."""
-
-    def __init__(self, sizes, *, seed=0, pdtype=torch.float32, gdtype=torch.float32, model_dtype=None,
-                 n_states=2, seg_ids=None, num_ids=None, zero=(), steps=None, flat=False):
-        gen = torch.Generator().manual_seed(seed)
-        n = len(sizes)
-        if flat:  # one flat buffer per role, cut at arbitrary (odd) offsets: unaligned views
-            total = sum(sizes) + 5
-
-            def cut(buf):
-                buf = buf.to(DEV)
-                out, off = [], 3
-                for s in sizes:
-                    out.append(buf[off:off + s])
-                    off += s
-                return out
-
-            self.params = cut(_rand(total, gen, 0.3).to(pdtype))
-            self.grads = cut(_rand(total, gen, 1e-2).to(gdtype))
-            self.states = [cut(_rand(total, gen, 1e-3).to(torch.float32)) for _ in range(n_states)]
-            if n_states == 2:
-                self.states[1] = cut(_rand(total, gen, 1e-3).square().to(torch.float32))
-        else:
-            scales = [10.0 ** (k % 4 - 2) for k in range(n)]
-            self.params = [_rand(s, gen, sc).to(pdtype).to(DEV) for s, sc in zip(sizes, scales)]
-            self.grads = [_rand(s, gen, 1e-2 * sc).to(gdtype).to(DEV) for s, sc in zip(sizes, scales)]
-            self.states = [[_rand(s, gen, 1e-3).to(torch.float32).to(DEV) for s in sizes] for _ in range(n_states)]
-            if n_states == 2:  # second moments are non-negative
-                self.states[1] = [v * v for v in self.states[1]]
-        for k in zero:
-            self.params[k].zero_()
-            self.grads[k].zero_()
-            for st in self.states:
-                st[k].zero_()
-        self.model_params = None
-        if model_dtype is not None:
-            self.model_params = [torch.zeros(s, dtype=model_dtype, device=DEV) for s in sizes]
-        self.steps = (steps if steps is not None else torch.full((n,), 3.0)).to(DEV)
-        self.seg_ids = None if seg_ids is None else seg_ids.to(DEV)
-        self.num_ids = num_ids if num_ids is not None else n
-
-    def seg(self):
-        return Segments(self.params, self.grads, self.states, self.steps, self.model_params, self.seg_ids, self.num_ids)
-
-    def seg64(self):
-        """fp64 copies (the reference then computes in fp64; model copies keep their dtype)."""
-        mp = None if self.model_params is None else [m.clone() for m in self.model_params]
-        return Segments(_to64(self.params), _to64(self.grads), [_to64(s) for s in self.states], self.steps.clone(),
-                        mp, self.seg_ids, self.num_ids)
-
-    def current(self):
-        out = list(self.params) + list(self.grads) + [t for st in self.states for t in st]
-        return out + (list(self.model_params) if self.model_params is not None else [])
-
-    def snapshot(self):
-        return [t.clone() for t in self.current()]
-
-
-def _close(actual, expected, rtol=1e-5, atol=1e-7, msg=""):
-    assert len(actual) == len(expected), msg
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        e = e.to(F64).cpu()
-        scale = max(float(e.abs().max()), 1e-30) if e.numel() else 1.0
-        torch.testing.assert_close(a.to(F64).cpu(), e, rtol=rtol, atol=atol * scale,
-                                   msg=lambda m, i=i: f"{msg} [{i}] numel {e.numel()}: {m}")
-
-
-def _lamb_kw(steps, beta1=0.9, beta2=0.999, grad_averaging=True, bias_correction=True):
-    bc1, bc2 = bias_corrections(steps, beta1, beta2, bias_correction)
-    return dict(bc1=bc1, bc2=bc2, beta1=beta1, beta2=beta2, beta3=(1 - beta1) if grad_averaging else 1.0, eps=1e-6)
-
-
-def _tensor(x):
-    return torch.tensor(x, dtype=torch.float32, device=DEV)
+def _segment_layout():
+    """Sizes around the work item cut into segments over norm ids 0..3 (id 4 has none), and their ids."""
+    return [5, BLOCK + 17, 3, 0, 1000, 1, BLOCK - 1, 2], torch.tensor([0, 0, 1, 1, 2, 2, 3, 0])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -144,17 +71,15 @@ def _tensor(x):
 # ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_sumsq_matches_reference(dtype):
-    c = Case(SIZES, pdtype=dtype, zero=(2,))
+    c = Case(SIZES, DEV, pdtype=dtype, zero=(2,))
     n = len(SIZES)
     shared = torch.tensor([k % 3 for k in range(n)], device=DEV)
-    coef = _tensor(0.37)
+    coef = scalar(0.37, DEV)
     cases = [(None, n, None), (None, n, coef), (shared, 4, coef), (torch.zeros(n, dtype=torch.int64, device=DEV), 1,
                                                                    None)]
     for seg_ids, num_ids, cf in cases:
-        got = TK.sumsq(c.params, seg_ids, num_ids, cf)
-        want = REF.sumsq(_to64(c.params), seg_ids, num_ids, cf, dtype=F64)
-        assert got.dtype == torch.float32 and got.shape == (num_ids,) and got.device.type == DEV.type
-        _close([got], [want], rtol=2e-6, atol=0)
+        got, _ = sumsq_vs_reference(TARGET, c.params, seg_ids, num_ids, cf, rtol=2e-6)
+        assert got.device.type == DEV.type
     got = TK.sumsq(c.params, shared, 4)
     assert float(got[3]) == 0.0  # an id without segments
     assert float(TK.sumsq(c.params, None, n)[2]) == 0.0  # a zero tensor
@@ -164,42 +89,12 @@ def test_sumsq_matches_reference(dtype):
 # ------------------------------------------------------------------------------------------------------------
 # LAMB passes
 # ------------------------------------------------------------------------------------------------------------
-LAMB_KERNEL_KNOBS = {
-    "adamw_decay": dict(weight_decay=0.01, adam_w_mode=True),
-    "adamw_no_decay": dict(weight_decay=0.0, adam_w_mode=True),
-    "l2": dict(weight_decay=0.05, adam_w_mode=False),
-    "l2_no_decay": dict(weight_decay=0.0, adam_w_mode=False),
-    "coef": dict(weight_decay=0.01, adam_w_mode=True, grad_coef=0.25),
-    "no_bias_correction": dict(weight_decay=0.01, adam_w_mode=True, bias_correction=False),
-    "no_grad_averaging": dict(weight_decay=0.01, adam_w_mode=True, grad_averaging=False),
-}
-
-
-def _run_lamb(kernels, seg, knobs, step_size=None):
-    knobs = dict(knobs)
-    coef = knobs.pop("grad_coef", None)
-    kw = _lamb_kw(seg.steps, grad_averaging=knobs.pop("grad_averaging", True),
-                  bias_correction=knobs.pop("bias_correction", True))
-    sums = kernels.lamb_phase1(seg, grad_coef=None if coef is None else _tensor(coef), skip=None, **kw, **knobs)
-    if step_size is None:
-        step_size = torch.linspace(1e-3, 1e-2, seg.num_ids, device=DEV)
-    kernels.lamb_phase2(seg, step_size=step_size, bc1=kw["bc1"], bc2=kw["bc2"], eps=kw["eps"], skip=None, **knobs)
-    return sums
-
-
 @pytest.mark.parametrize("name", list(LAMB_KERNEL_KNOBS))
 def test_lamb_passes_match_reference(name):
-    knobs = LAMB_KERNEL_KNOBS[name]
-    c = Case(SIZES, zero=(1,), steps=torch.tensor([float(k % 4 + 1) for k in range(len(SIZES))]))
-    s64 = c.seg64()
-    got = _run_lamb(TK, c.seg(), knobs)
-    want = _run_lamb(REF, s64, knobs)
-    assert got.dtype == torch.float32 and got.shape == (len(SIZES), 2)
-    _close([got], [want], rtol=2e-5, atol=0, msg="sums")
+    c = Case(SIZES, DEV, zero=(1,), steps=torch.tensor([float(k % 4 + 1) for k in range(len(SIZES))]))
+    got, s64 = lamb_vs_reference(TARGET, c, LAMB_KERNEL_KNOBS[name], sums_rtol=2e-5)
     assert float(got[1, 1]) == 0.0 and float(got[1, 0]) == 0.0  # zero param, zero grad, zero moments
-    _close(c.params, s64.params, msg="params")
-    _close(c.states[0], s64.states[0], msg="exp_avg")
-    _close(c.states[1], s64.states[1], msg="exp_avg_sq")
+    close_states(c, s64, "params", "exp_avg", "exp_avg_sq")
 
 
 @pytest.mark.parametrize("pdtype,gdtype,model", [
@@ -211,28 +106,8 @@ def test_lamb_passes_match_reference(name):
     (torch.bfloat16, torch.float32, None),
 ])
 def test_lamb_low_precision(pdtype, gdtype, model):
-    sizes = [1, 7, 1000, BLOCK + 9]
-    c = Case(sizes, pdtype=pdtype, gdtype=gdtype, model_dtype=model)
-    knobs = dict(weight_decay=0.01, adam_w_mode=True)
-    before = [p.clone() for p in c.params]
-    s64 = c.seg64()
-    got = _run_lamb(TK, c.seg(), knobs)
-    want = _run_lamb(REF, s64, knobs)
-    _close([got], [want], rtol=1e-4, atol=0, msg="sums")
-    _close(c.states[0], s64.states[0], msg="exp_avg")
-    _close(c.states[1], s64.states[1], msg="exp_avg_sq")
-    if pdtype == torch.float32:
-        _close(c.params, s64.params, msg="params")
-    else:
-        # in-place low-precision params: the fp64 result rounded once to the param dtype, within one ulp
-        for p, e, b in zip(c.params, s64.params, before):
-            e = e.cpu()
-            ulp = torch.finfo(pdtype).eps * e.abs().clamp_min(torch.finfo(pdtype).tiny)
-            assert ((p.cpu().to(F64) - e).abs() <= ulp + 1e-30).all()
-            assert not torch.equal(p, b)
-    if model is not None:
-        for mp, p in zip(c.model_params, c.params):
-            assert torch.equal(mp, p.to(model)), "model copy must be the fp32 value rounded to nearest even"
+    check_lamb_low_precision(TARGET, [1, 7, 1000, BLOCK + 9], pdtype, gdtype, model,
+                             moments=("exp_avg", "exp_avg_sq"))
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # numpy, fp16 overflow
@@ -272,25 +147,14 @@ def test_rounding_is_torchs():
 def test_lamb_segments_with_shared_ids(flat):
     """Tensors cut into pieces (several segments per norm id, unaligned views of flat buffers) give the same
     sums and update as the reference."""
-    sizes = [5, BLOCK + 17, 3, 0, 1000, 1, BLOCK - 1, 2]
-    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 0])
-    c = Case(sizes, seg_ids=ids, num_ids=5, flat=flat, zero=(5,))
-    s64 = c.seg64()
-    step_size = torch.tensor([1e-3, 2e-3, 3e-3, 4e-3, 5e-3], device=DEV)
-    knobs = dict(weight_decay=0.01, adam_w_mode=True)
-    got = _run_lamb(TK, c.seg(), knobs, step_size)
-    want = _run_lamb(REF, s64, knobs, step_size)
-    _close([got], [want], rtol=2e-5, atol=0, msg="sums")
-    assert float(got[4].abs().sum()) == 0.0
-    _close(c.params, s64.params, msg="params")
-    _close(c.states[1], s64.states[1], msg="exp_avg_sq")
+    check_lamb_segments_with_shared_ids(TARGET, *_segment_layout(), zero=5, flat=flat)
 
 
 def test_flat_buffer_cut_equals_uncut_tensors():
     """One flat buffer per state cut at arbitrary offsets into segments sharing norm ids == the uncut tensors."""
     sizes = [1000, 7, BLOCK + 5, 33]
     gen = torch.Generator().manual_seed(11)
-    uncut = [[_rand(n, gen, s).float().to(DEV) for n in sizes] for s in (0.3, 1e-2, 1e-3, 1e-3)]
+    uncut = [[rand(n, gen, s).float().to(DEV) for n in sizes] for s in (0.3, 1e-2, 1e-3, 1e-3)]
     uncut[3] = [v * v for v in uncut[3]]
     flats = [torch.cat(ts) for ts in uncut]
     inner_cuts = {0: [211], 1: [3], 2: [500], 3: [0, 10]}  # cuts inside tensors (3: an empty piece first)
@@ -305,144 +169,59 @@ def test_flat_buffer_cut_equals_uncut_tensors():
     steps = torch.full((len(sizes),), 2.0, device=DEV)
     cut = Segments(pieces[0], pieces[1], [pieces[2], pieces[3]], steps_cut,
                    seg_ids=torch.tensor(owner, device=DEV), num_ids=len(sizes))
-    whole = Segments(_to64(uncut[0]), _to64(uncut[1]), [_to64(uncut[2]), _to64(uncut[3])], steps)
+    whole = Segments(to64(uncut[0]), to64(uncut[1]), [to64(uncut[2]), to64(uncut[3])], steps)
     step_size = torch.tensor([1e-2, 2e-2, 3e-2, 4e-2], device=DEV)
     knobs = dict(weight_decay=0.01, adam_w_mode=True)
-    got = _run_lamb(TK, cut, knobs, step_size)
-    want = _run_lamb(REF, whole, knobs, step_size)
-    _close([got], [want], rtol=2e-5, atol=0, msg="sums")
+    got = run_lamb(TK, cut, knobs, step_size)
+    want = run_lamb(REF, whole, knobs, step_size)
+    close([got], [want], rtol=2e-5, atol=0, msg="sums")
     for k in range(4):
-        _close([flats[k]], [torch.cat(whole.params if k == 0 else whole.grads if k == 1 else whole.states[k - 2])],
+        close([flats[k]], [torch.cat(whole.params if k == 0 else whole.grads if k == 1 else whole.states[k - 2])],
                msg=f"state {k}")
 
 
 def test_lamb_skip_writes_nothing():
-    c = Case(SIZES, model_dtype=torch.bfloat16)
-    before = c.snapshot()
-    kw = _lamb_kw(c.steps)
-    n = len(SIZES)
-    sums = TK.lamb_phase1(c.seg(), grad_coef=_tensor(float("nan")), weight_decay=0.01, adam_w_mode=True,
-                          skip=torch.tensor(True, device=DEV), **kw)
-    assert torch.equal(sums.cpu(), torch.zeros(n, 2))
-    TK.lamb_phase2(c.seg(), step_size=torch.full((n,), float("nan"), device=DEV), bc1=kw["bc1"], bc2=kw["bc2"],
-                   eps=1e-6, weight_decay=0.01, adam_w_mode=True, skip=torch.tensor(True, device=DEV))
-    for a, b in zip(c.current(), before):
-        assert torch.equal(a, b)
-    sums = TK.lamb_phase1(c.seg(), grad_coef=None, weight_decay=0.01, adam_w_mode=True,
-                          skip=torch.tensor(False, device=DEV), **kw)
-    assert ((sums[:, 1] > 0).cpu() == torch.tensor([s > 0 for s in SIZES])).all()
+    check_lamb_skip_writes_nothing(TARGET, SIZES, flags=(torch.tensor(True, device=DEV),))
 
 
 # ------------------------------------------------------------------------------------------------------------
 # LARS passes
 # ------------------------------------------------------------------------------------------------------------
-LARS_KERNEL_KNOBS = {
-    "default": dict(weight_decay=1e-4, momentum=0.9, dampening=0.0, nesterov=False),
-    "no_decay": dict(weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False),
-    "nesterov": dict(weight_decay=1e-4, momentum=0.9, dampening=0.0, nesterov=True),
-    "dampening": dict(weight_decay=1e-4, momentum=0.8, dampening=0.3, nesterov=False),
-    "no_momentum": dict(weight_decay=5e-4, momentum=0.0, dampening=0.0, nesterov=False),
-}
-
-
-def _run_lars(kernels, seg, knobs, coef=None, lr=0.1, ratio=None):
-    sums = kernels.lars_phase1(seg, grad_coef=coef, skip=None)
-    if ratio is None:
-        ratio = torch.linspace(0.5, 1.5, seg.num_ids, device=DEV)
-    kernels.lars_phase2(seg, grad_coef=coef, ratio=ratio, lr=lr, skip=None, **knobs)
-    return sums
-
-
 @pytest.mark.parametrize("name", list(LARS_KERNEL_KNOBS))
 @pytest.mark.parametrize("first", [True, False])
 def test_lars_passes_match_reference(name, first):
-    knobs = LARS_KERNEL_KNOBS[name]
     n = len(SIZES)
     steps = torch.ones(n) if first else torch.tensor([float(1 + k % 3) for k in range(n)])  # mixed first steps
-    c = Case(SIZES, n_states=1, zero=(4,), steps=steps)
-    s64 = c.seg64()
-    coef = _tensor(0.7)
-    lr = _tensor(0.2) if first else 0.05  # a 0-d tensor or a float
-    got = _run_lars(TK, c.seg(), knobs, coef, lr)
-    want = _run_lars(REF, s64, knobs, coef, lr)
-    assert got.dtype == torch.float32 and got.shape == (n, 2)
-    _close([got], [want], rtol=2e-6, atol=0, msg="sums")
+    c = Case(SIZES, DEV, n_states=1, zero=(4,), steps=steps)
+    lr = scalar(0.2, DEV) if first else 0.05  # a 0-d tensor or a float
+    got, s64 = lars_vs_reference(TARGET, c, LARS_KERNEL_KNOBS[name], scalar(0.7, DEV), lr, sums_rtol=2e-6)
     assert float(got[4].abs().sum()) == 0.0
-    _close(c.params, s64.params, msg="params")
-    _close(c.states[0], s64.states[0], msg="momentum_buffer")
+    close_states(c, s64, "params", "momentum_buffer")
 
 
-@pytest.mark.parametrize("pdtype,gdtype,model", [
-    (torch.float32, torch.bfloat16, torch.bfloat16),
-    (torch.float32, torch.float16, torch.float16),
-    (torch.bfloat16, torch.bfloat16, None),
-    (torch.float16, torch.float32, None),
-])
+@pytest.mark.parametrize("pdtype,gdtype,model", LARS_LOW_PRECISION_DTYPES)
 def test_lars_low_precision(pdtype, gdtype, model):
-    sizes = [1, 7, 1000, BLOCK + 9]
-    c = Case(sizes, n_states=1, pdtype=pdtype, gdtype=gdtype, model_dtype=model)
-    s64 = c.seg64()
-    knobs = LARS_KERNEL_KNOBS["nesterov"]
-    got = _run_lars(TK, c.seg(), knobs)
-    want = _run_lars(REF, s64, knobs)
-    _close([got], [want], rtol=1e-5, atol=0, msg="sums")
-    _close(c.states[0], s64.states[0], msg="momentum_buffer")
-    if pdtype == torch.float32:
-        _close(c.params, s64.params, msg="params")
-    else:
-        for p, e in zip(c.params, s64.params):
-            e = e.cpu()
-            ulp = torch.finfo(pdtype).eps * e.abs().clamp_min(torch.finfo(pdtype).tiny)
-            assert ((p.cpu().to(F64) - e).abs() <= ulp + 1e-30).all()
-    if model is not None:
-        for mp, p in zip(c.model_params, c.params):
-            assert torch.equal(mp, p.to(model))
+    check_lars_low_precision(TARGET, [1, 7, 1000, BLOCK + 9], pdtype, gdtype, model)
 
 
 def test_lars_segments_and_skip():
-    sizes = [5, BLOCK + 17, 3, 0, 1000, 1, BLOCK - 1, 2]
-    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 0])
-    c = Case(sizes, n_states=1, seg_ids=ids, num_ids=5, flat=True,
-             steps=torch.tensor([1.0, 2, 1, 1, 3, 3, 1, 2]), model_dtype=torch.float16)
-    ratio = torch.tensor([0.5, 1.0, 2.0, 0.25, 9.0], device=DEV)
-    before = c.snapshot()
-    sums = TK.lars_phase1(c.seg(), grad_coef=None, skip=torch.tensor(True, device=DEV))
-    assert torch.equal(sums.cpu(), torch.zeros(5, 2))
-    TK.lars_phase2(c.seg(), grad_coef=None, ratio=ratio, lr=0.1, weight_decay=1e-4, momentum=0.9, dampening=0.0,
-                   nesterov=False, skip=torch.tensor(True, device=DEV))
-    for a, b in zip(c.current(), before):
-        assert torch.equal(a, b)
-    s64 = c.seg64()
-    knobs = LARS_KERNEL_KNOBS["dampening"]
-    got = _run_lars(TK, c.seg(), knobs, ratio=ratio)
-    want = _run_lars(REF, s64, knobs, ratio=ratio)
-    _close([got], [want], rtol=2e-6, atol=0, msg="sums")
-    _close(c.params, s64.params, msg="params")
-    _close(c.states[0], s64.states[0], msg="momentum_buffer")
-    for mp, p in zip(c.model_params, c.params):
-        assert torch.equal(mp, p.to(torch.float16))
+    check_lars_segments_and_skip(TARGET, *_segment_layout(), torch.tensor([1.0, 2, 1, 1, 3, 3, 1, 2]), sums_rtol=2e-6,
+                                 model_dtype=torch.float16)
 
 
 def test_chunked_work_items_match_reference():
     """Work items of several blocks (the loop inside a program, full and tail blocks) give the same results."""
-    tk = kt.TritonKernels(DEV, block=256, chunks=3)
+    chunked = Target("triton", kt.TritonKernels(DEV, block=256, chunks=3), DEV)
     sizes = [1, 255, 256, 257, 767, 768, 769, 2000, 0]
     ids = torch.tensor([0, 1, 1, 2, 3, 3, 4, 5, 5])
-    c = Case(sizes, model_dtype=torch.bfloat16, seg_ids=ids, num_ids=6, flat=True)
-    s64 = c.seg64()
-    knobs = dict(weight_decay=0.01, adam_w_mode=True)
-    _close([_run_lamb(tk, c.seg(), knobs)], [_run_lamb(REF, s64, knobs)], rtol=2e-5, atol=0, msg="sums")
-    _close(c.params, s64.params, msg="params")
-    for mp, p in zip(c.model_params, c.params):
-        assert torch.equal(mp, p.to(torch.bfloat16))
-    c = Case(sizes, n_states=1, steps=torch.tensor([1.0, 2.0] * 4 + [1.0]))
-    s64 = c.seg64()
-    _close([_run_lars(tk, c.seg(), LARS_KERNEL_KNOBS["nesterov"])],
-           [_run_lars(REF, s64, LARS_KERNEL_KNOBS["nesterov"])], rtol=2e-6, atol=0, msg="sums")
-    _close(c.params, s64.params, msg="params")
-    _close(c.states[0], s64.states[0], msg="momentum_buffer")
-    _close([tk.sumsq(c.grads, None, len(sizes))], [REF.sumsq(s64.grads, None, len(sizes), dtype=F64)], rtol=2e-6,
-           atol=0)
+    c = Case(sizes, DEV, model_dtype=torch.bfloat16, seg_ids=ids, num_ids=6, flat=True)
+    _, s64 = lamb_vs_reference(chunked, c, dict(weight_decay=0.01, adam_w_mode=True), sums_rtol=2e-5)
+    close_states(c, s64, "params")
+    assert_model_copies(c, torch.bfloat16)
+    c = Case(sizes, DEV, n_states=1, steps=torch.tensor([1.0, 2.0] * 4 + [1.0]))
+    _, s64 = lars_vs_reference(chunked, c, LARS_KERNEL_KNOBS["nesterov"], sums_rtol=2e-6)
+    close_states(c, s64, "params", "momentum_buffer")
+    sumsq_vs_reference(chunked, c.grads, None, len(sizes), None, rtol=2e-6)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -451,8 +230,8 @@ def test_chunked_work_items_match_reference():
 def test_sums_are_deterministic_and_tables_cached():
     sizes = [3 * BLOCK + 3, 17, BLOCK, 500] * 2
     ids = torch.tensor([k % 3 for k in range(len(sizes))])
-    c = Case(sizes, seg_ids=ids, num_ids=3, seed=3)
-    kw = _lamb_kw(c.steps)
+    c = Case(sizes, DEV, seg_ids=ids, num_ids=3, seed=3)
+    kw = lamb_kw(c.steps)
     TK.tables.clear()  # (a freed tensor's address may come back with the same size: its table is then valid)
     misses = TK.tables.misses
     results = []
@@ -474,22 +253,21 @@ def test_sums_are_deterministic_and_tables_cached():
 
 
 def test_rejects_unsupported_dtypes():
-    c = Case([5, 9])
+    c = Case([5, 9], DEV)
     with pytest.raises(TypeError, match="float64"):
         TK.sumsq([t.double() for t in c.params], None, 2)
     with pytest.raises(TypeError, match="float64"):
-        _run_lamb(TK, Case([5, 9]).seg64(), dict(weight_decay=0.0, adam_w_mode=True))
+        run_lamb(TK, Case([5, 9], DEV).seg64(), dict(weight_decay=0.0, adam_w_mode=True))
     with pytest.raises(TypeError, match="mix"):
         TK.sumsq([c.params[0], c.params[1].half()], None, 2)
-    mixed = Case([5, 9])
+    mixed = Case([5, 9], DEV)
     mixed.grads[1] = mixed.grads[1].bfloat16()
     with pytest.raises(TypeError, match="grads mix"):
-        _run_lars(TK, Segments(mixed.params, mixed.grads, [mixed.states[0]], mixed.steps),
-                  LARS_KERNEL_KNOBS["default"])
-    bad_state = Case([5, 9])
+        run_lars(TK, Segments(mixed.params, mixed.grads, [mixed.states[0]], mixed.steps), LARS_KERNEL_KNOBS["default"])
+    bad_state = Case([5, 9], DEV)
     bad_state.states[0] = [t.half() for t in bad_state.states[0]]
     with pytest.raises(TypeError, match="exp_avg"):
-        _run_lamb(TK, bad_state.seg(), dict(weight_decay=0.0, adam_w_mode=True))
+        run_lamb(TK, bad_state.seg(), dict(weight_decay=0.0, adam_w_mode=True))
 
 
 def _count_step_launches(n_tensors, cls):
@@ -527,9 +305,9 @@ def test_launch_count_does_not_depend_on_tensor_count(cls, monkeypatch):
 
 
 def test_launch_count_with_segments():
-    c = Case([5, BLOCK + 17, 3, 0], seg_ids=torch.tensor([0, 0, 1, 2]), num_ids=3)
+    c = Case([5, BLOCK + 17, 3, 0], DEV, seg_ids=torch.tensor([0, 0, 1, 2]), num_ids=3)
     before = kt.LAUNCHES
-    _run_lamb(TK, c.seg(), dict(weight_decay=0.01, adam_w_mode=True), torch.ones(3, device=DEV))
+    run_lamb(TK, c.seg(), dict(weight_decay=0.01, adam_w_mode=True), torch.ones(3, device=DEV))
     assert kt.LAUNCHES - before == 4  # pass 1 + segment and id reductions + pass 2
 
 
@@ -554,7 +332,7 @@ class _NoSync:
 
 
 def _scalars():
-    return _tensor(0.5), torch.tensor(False, device=DEV), _tensor(0.01)
+    return scalar(0.5, DEV), torch.tensor(False, device=DEV), scalar(0.01, DEV)
 
 
 def _functional_steps(seg_lamb, seg_lars, scalars):
@@ -575,8 +353,9 @@ def test_no_host_sync_in_step(monkeypatch):
     through these tensor methods, so the check holds there as well. On a GPU,
     :func:`test_no_cuda_sync_in_step` checks the same with ``torch.cuda.set_sync_debug_mode``."""
     ids = torch.tensor([0, 0, 1], device=DEV)
-    lamb = Case([9, BLOCK + 3, 4], seg_ids=ids, num_ids=2, model_dtype=torch.bfloat16).seg()
-    lars = Case([9, BLOCK + 3, 4], n_states=1, seg_ids=ids, num_ids=2, steps=torch.tensor([1.0, 2.0, 2.0])).seg()
+    lamb = Case([9, BLOCK + 3, 4], DEV, seg_ids=ids, num_ids=2, model_dtype=torch.bfloat16).seg()
+    lars = Case([9, BLOCK + 3, 4], DEV, n_states=1, seg_ids=ids, num_ids=2,
+                steps=torch.tensor([1.0, 2.0, 2.0])).seg()
     scalars = _scalars()
     _functional_steps(lamb, lars, scalars)  # warm: tables cached, kernels compiled
     with _NoSync(monkeypatch):
@@ -589,8 +368,9 @@ def test_no_host_sync_in_step(monkeypatch):
 @needs_gpu
 def test_no_cuda_sync_in_step():
     ids = torch.tensor([0, 0, 1], device=DEV)
-    lamb = Case([9, BLOCK + 3, 4], seg_ids=ids, num_ids=2, model_dtype=torch.bfloat16).seg()
-    lars = Case([9, BLOCK + 3, 4], n_states=1, seg_ids=ids, num_ids=2, steps=torch.tensor([1.0, 2.0, 2.0])).seg()
+    lamb = Case([9, BLOCK + 3, 4], DEV, seg_ids=ids, num_ids=2, model_dtype=torch.bfloat16).seg()
+    lars = Case([9, BLOCK + 3, 4], DEV, n_states=1, seg_ids=ids, num_ids=2,
+                steps=torch.tensor([1.0, 2.0, 2.0])).seg()
     scalars = _scalars()
     _functional_steps(lamb, lars, scalars)
     lamb.params = [p.clone() for p in lamb.params]
@@ -632,7 +412,6 @@ def test_cpu_tensors_need_the_interpreter():
 # the optimizers end to end: fp32 triton vs fp64 reference
 # ------------------------------------------------------------------------------------------------------------
 MAIN = {"default", "max_grad_norm"}
-CASES = [(LAMB, n, k) for n, k in LAMB_KNOBS.items()] + [(LARS, n, k) for n, k in LARS_KNOBS.items()]
 
 
 def _on_dev(ts):
@@ -643,7 +422,7 @@ def _run(cls, params, grads, backend, **kw):
     return run_optimizer(cls, _on_dev(params), [_on_dev(g) for g in grads], backend, **kw)
 
 
-@pytest.mark.parametrize("cls,name,knobs", CASES, ids=[f"{c.__name__}-{n}" for c, n, _ in CASES])
+@pytest.mark.parametrize("cls,name,knobs", OPT_CASES, ids=OPT_CASE_IDS)
 def test_optimizer_matches_fp64_reference(cls, name, knobs):
     steps = 20 if name in MAIN else 5
     params, grads = problem(steps=steps)
