@@ -114,7 +114,7 @@ setup(
         # or give pip the same flags it uses; see docs/horovod.md.
         "horovod": ["horovod==0.28.1"],
     },
-    entry_points={"console_scripts": ["ds-conadv = ds_conadv.cli:main"]},
+    entry_points={"console_scripts": ["ds-conadv = ds_conadv.cli:console_main"]},
     ext_modules=_ext_modules,
     cmdclass=_cmdclass,
     zip_safe=False,

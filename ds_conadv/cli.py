@@ -238,5 +238,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return args.func(args, sub)
 
 
+def console_main() -> None:
+    """The ``ds-conadv`` console script (and ``python -m ds_conadv.cli``): :func:`main`, then exit. A rank of a
+    multi-process DeepSpeed job that finished cleanly leaves with ``os._exit``: DeepSpeed 0.19 on CPU aborts now
+    and then in a C++ destructor at interpreter exit (a joinable ``std::thread``: "terminate called without an
+    active exception", seen in CI after all results were written), which would turn a good run into a failed
+    one. Its results, logs and process group are closed by then; stdout/stderr and logging are flushed first."""
+    rc = main()
+    if rc == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "deepspeed" in sys.modules:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
