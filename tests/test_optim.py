@@ -430,6 +430,21 @@ def test_channels_last_triton(cls):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
 
 
+def _step_with_shared_grads(nets, opts, steps=6, dtype=torch.float32, device="cpu"):
+    """Both nets get the gradients of the contiguous one (in their own layout) and step: this isolates the
+    optimizer (cuDNN picks other algorithms, and TF32, for channels_last convolutions on a GPU)."""
+    gen = torch.Generator().manual_seed(1)
+    ref = nets[False]
+    for _ in range(steps):
+        x = torch.randn(4, 3, 9, 9, generator=gen).to(device=device, dtype=dtype)
+        torch.nn.functional.cross_entropy(ref(x).float(), (torch.arange(4) % 4).to(device)).backward()
+        for p_ref, p_cl in zip(ref.parameters(), nets[True].parameters()):
+            p_cl.grad = torch.empty_like(p_cl).copy_(p_ref.grad)
+        for cl in (False, True):
+            opts[cl].step()
+            opts[cl].zero_grad()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["triton", "cuda", "foreach"])
 @pytest.mark.parametrize("cls", [LAMB, LARS])
@@ -438,9 +453,9 @@ def test_channels_last_on_gpu(backend, cls, dtype):
     nets = {cl: _conv_net(cl, dtype).cuda() for cl in (False, True)}
     opts = {cl: cls(nets[cl].parameters(), lr=0.05, weight_decay=0.01, backend=backend,
                     master_weights=dtype != torch.float32) for cl in nets}
-    for cl in nets:
-        _train_conv(nets[cl], opts[cl], dtype=dtype, device="cuda")
+    _step_with_shared_grads(nets, opts, dtype=dtype, device="cuda")
     assert nets[True][0].weight.is_contiguous(memory_format=torch.channels_last)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-5)
     for a, b in zip(nets[False].parameters(), nets[True].parameters()):
-        torch.testing.assert_close(b.detach(), a.detach(), **tol)
+        # the same update up to the order of the norms' sums: at most one rounding step of the param dtype
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6 if dtype == torch.float32 else 2 ** -7,
+                                   atol=1e-7 if dtype == torch.float32 else 1e-6)
