@@ -2,13 +2,7 @@
 # A short GPU check after a refactor: the CUDA and Triton kernel tests and the GPU optimizer tests
 # (channels_last included) for real, then the LARS bf16 ResNet-50 step re-timed with more steps (its median was
 # 2x its min on the H200) and the ConAdv overlap at ZeRO-1. Expects: repo root as cwd; wheels in .whl/; $OUT.
-set -u
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/ds_conadv_gpu}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-export PYTHONPATH="$PWD:/tmp/site"
-[ -e ds_conadv/kernels ] || ln -sfn ../kernels ds_conadv/kernels  # what setup.py's package_dir does
+source "$(dirname "$0")/gpu_env.sh"  # $OUT, carried wheels, PYTHONPATH
 LOG="$OUT/check.log"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$LOG" 2>&1

@@ -3,13 +3,7 @@
 # (NCCL refuses two ranks on one device), ZeRO 0 and 2, with and without CUDA MPS, each with the generation
 # started at the reduction (default) and with the backward (conadv_bwd).
 # Expects: repo root as cwd; wheels in .whl/ (DeepSpeed + deps); $OUT.
-set -u
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/ds_conadv_gpu}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-export PYTHONPATH="$PWD:/tmp/site"
-[ -e ds_conadv/kernels ] || ln -sfn ../kernels ds_conadv/kernels  # what setup.py's package_dir does
+source "$(dirname "$0")/gpu_env.sh"  # $OUT, carried wheels, PYTHONPATH
 LOG="$OUT/session.log"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$LOG" 2>&1

@@ -2,16 +2,7 @@
 # One short GPU session (H100/H200 lent through the device tool): tests the CUDA and Triton kernels for real,
 # then benchmarks every optimizer step on ResNet-50 and BERT-large shapes, fp32 and bf16-with-master.
 # Expects: repo root as cwd; optional wheels in .whl/ (DeepSpeed + deps, for deepspeed.FusedLamb); $OUT.
-set -u
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/ds_conadv_gpu}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-[ -e ds_conadv/kernels ] || ln -sfn ../kernels ds_conadv/kernels  # what setup.py's package_dir does
+source "$(dirname "$0")/gpu_env.sh"  # $OUT, carried wheels, PYTHONPATH
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/tests.log" 2>&1
 # DeepSpeed's FusedLamb is JIT-built on first use: build it while the tests run
