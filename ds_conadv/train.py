@@ -243,6 +243,7 @@ def _check_with_deepspeed(raw: Dict[str, Any]) -> None:
 
 
 def _quiet_deepspeed_import() -> None:
+    """Import DeepSpeed for a training run: CPU accelerator without a GPU, no JIT build of its shm op."""
     if "DS_ACCELERATOR" not in os.environ:
 
         if not torch.cuda.is_available():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -449,3 +450,16 @@ def test_horovod_two_ranks_grow_backward_passes_per_step(tmp_path, replay):
     ranks = [json.load(open(f"{prefix}.rank{r}")) for r in range(2)]
     assert [s["backward_passes_per_step"] for s in ranks[0]["steps"]] == [1] * 15 + [2] * 4 + [4]
     check_run(ranks, replay, "Horovod")
+
+
+def test_digits_example_runs_on_two_ranks(tmp_path):
+    """examples/absa_digits.py (the docs figure's run) at 3 epochs: log, plot, accuracy, a batch that grew."""
+    from dist_harness import torchrun
+
+    out = torchrun(str(Path(__file__).resolve().parents[1] / "examples" / "absa_digits.py"),
+                   ["--epochs", "3", "--out-dir", str(tmp_path), "--no-progress"], nproc=2, timeout=300)
+    summary = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    assert summary["final_global_batch"] > 32 and summary["test_clean_acc"] > 0.8
+    assert (tmp_path / "absa_log.csv").exists() and (tmp_path / "absa.png").stat().st_size > 10_000
+    rows = json.loads((tmp_path / "absa_log.json").read_text())["epochs"]
+    assert len(rows) == 3 and all(r["eigenvalue"] is not None for r in rows)

@@ -3,16 +3,14 @@
 Usage:
     absa_worker.py --backend deepspeed --out FILE [--stage S] [--stop-after-epoch E --ckpt DIR] [--resume DIR]
     horovodrun ... absa_worker.py --backend horovod --out FILE
-    torchrun --nproc_per_node 2 absa_worker.py --task digits --out FILE --plot PNG    (the docs figure)
 
 ``scripted`` (default): the decisions follow ``SCRIPT`` (the eigenvalue the schedule gets), while every check also
 runs the real measurement (ds_conadv.hessian on the engine's module) and records it. The test replays the same
-run in one process (``reference`` in tests/test_absa.py). ``digits``: the bundled digits CNN with the real
-eigenvalues driving the decisions.
+run in one process (``reference`` in tests/test_absa.py). A run with real eigenvalues driving the decisions:
+examples/absa_digits.py.
 """
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -144,79 +142,18 @@ def run_horovod(args):
     return {"rank": rank, "steps": steps, "log": trainer.log, "real_eig": real, "params": params}
 
 
-def run_digits(args):
-    """The docs figure: the digits CNN of ds-conadv train, real eigenvalues, FGSM, 2 ranks."""
-    import deepspeed
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    import ds_conadv
-    from ds_conadv.config import ConAdvConfig
-    from ds_conadv.train import DigitsCNN, Normalize, evaluate, load_digits
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    x, y, x_test, y_test = load_digits()
-    mean, std = float(x.mean()), float(x.std())
-    normalize = Normalize([mean], [std])
-    x = normalize(x)
-    micro = 16
-    config = {
-        "train_batch_size": micro * world, "train_micro_batch_size_per_gpu": micro, "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": 1}, "steps_per_print": 10**9,
-        "optimizer": {"type": "LARS", "params": {"lr": 0.5, "momentum": 0.9, "weight_decay": 5e-5,
-                                                 "trust_coefficient": 0.01, "exclude_norm_and_bias": True,
-                                                 "backend": "foreach"}},
-        "absa": {"enabled": True, "interval": 1, "eig_batches": 4, "eig_ratio": 0.5, "duration": 4, "factor": 2,
-                 "max_batch": 512, "lr_scaling": "sqrt", "adv_ratio": 0.5, "epsilon": 1.0},
-        "conadv": {"enabled": False, "input_range": [0.0, 16.0], "mean": [mean], "std": [std]},
-    }
-    torch.manual_seed(0)
-    engine, *_ = ds_conadv.initialize(model=DigitsCNN(16, 10), config=config,
-                                      absa_options={"log_dir": os.path.dirname(os.path.abspath(args.out))})
-    n = x.shape[0]
-
-    def batches():
-        epoch = 0
-        while True:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))[rank::world]
-            for i in range(0, perm.numel() - micro + 1, micro):
-                yield x[perm[i:i + micro]], y[perm[i:i + micro]]
-            epoch += 1
-
-    data = batches()
-    for epoch in range(args.epochs):
-        for _ in range(engine.steps_per_epoch(n)):
-            engine.train_batch(data)
-        row = engine.end_epoch()
-        if rank == 0:
-            print(json.dumps(row), flush=True)
-    attack = ConAdvConfig(epsilon=1.0, input_range=(0.0, 16.0), mean=[mean], std=[std])
-    clean, adv = evaluate(engine.module, x_test, y_test, normalize, attack, rank, world, 0, engine.device)
-    if rank == 0:
-        print(json.dumps({"test_clean_acc": clean, "test_fgsm_acc": adv}), flush=True)
-    if rank == 0 and args.plot:
-        engine.plot(args.plot, title=f"ABSA on digits: DigitsCNN(16), DeepSpeed ZeRO-1, {world} ranks, micro batch "
-                                     f"{micro}, FGSM eps 1 px, sqrt LR scaling")
-    return {"rank": rank, "log": engine.log}
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="deepspeed", choices=["deepspeed", "horovod"])
-    ap.add_argument("--task", default="scripted", choices=["scripted", "digits"])
     ap.add_argument("--stage", type=int, default=2)
     ap.add_argument("--out", required=True)
     ap.add_argument("--stop-after-epoch", type=int, default=None)
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--resume", default=None)
-    ap.add_argument("--epochs", type=int, default=24)
-    ap.add_argument("--plot", default=None)
     ap.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if args.task == "digits":
-        result = run_digits(args)
-    elif args.backend == "horovod":
+    if args.backend == "horovod":
         result = run_horovod(args)
     else:
         result = run_deepspeed(args)
