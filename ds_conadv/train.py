@@ -167,7 +167,14 @@ class ResolvedConfig:
         return str((self.raw.get("optimizer") or {}).get("type", "?"))
 
     @property
+    def absa_enabled(self) -> bool:
+        section = self.raw.get("absa")
+        return isinstance(section, dict) and bool(section.get("enabled", False))
+
+    @property
     def mode(self) -> str:
+        if self.absa_enabled:
+            return "absa"
         if not self.conadv.enabled:
             return "vanilla"
         return "disadv" if self.conadv.tau == 0 else "conadv"
@@ -202,6 +209,15 @@ def validate_config(cfg: Dict[str, Any], check_deepspeed: bool = False) -> Resol
     raw = strip_comments(cfg)
     train = TrainConfig.from_section(raw.get("train"))
     conadv = ConAdvConfig.from_section(raw.get("conadv"))
+    if raw.get("absa") is not None:
+        from ds_conadv.absa import ABSAConfig
+
+        if ABSAConfig.from_section(raw.get("absa")).enabled:  # the rest (batch sizes, conadv) at initialize
+            params = (raw.get("scheduler") or {}).get("params") if isinstance(raw.get("scheduler"), dict) else None
+            if isinstance(params, dict) and params.get("total_num_steps") == _AUTO:
+                raise ConfigError('"scheduler.params.total_num_steps" = "auto" with "absa.enabled": an ABSA run has '
+                                  "no step count known in advance (its epochs shrink as the batch grows): give a "
+                                  "number")
     section = raw.get("optimizer")
     if section is None:
         raise ConfigError('an "optimizer" section is required, e.g. {"type": "LARS", "params": {...}}')
@@ -416,6 +432,8 @@ def evaluate(module, x_test, y_test, normalize, conadv: ConAdvConfig, rank: int,
 
 
 def describe_mode(resolved: ResolvedConfig) -> str:
+    if resolved.mode == "absa":
+        return "ABSA (adaptive batch size, FGSM share, top-eigenvalue checks)"
     if resolved.mode == "vanilla":
         return "vanilla (no adversarial examples)"
     return f"{resolved.mode} (tau={resolved.conadv.tau})"
@@ -532,6 +550,21 @@ def run(resolved: ResolvedConfig, *, config_name: str = DEFAULT_CONFIG_NAME, pro
         deepspeed.utils.logger.setLevel(ds_level)
 
 
+def prepare_data(resolved: ResolvedConfig, ds_cfg: Dict[str, Any]):
+    """The digits split as the model sees it: (pixel - mean) / std with the conadv section's mean/std (the
+    attack's geometry; from the training split when not given, then recorded in ``ds_cfg`` and the resolved
+    config). Returns ``(x_train_normalized, y_train, x_test, y_test, normalize, conadv)``."""
+    tc, conadv = resolved.train, resolved.conadv
+    x_tr, y_tr, x_te, y_te = load_digits(tc.test_fraction, tc.split_seed)
+    if conadv.mean is None:
+        mean, std = [float(x_tr.mean())], [float(x_tr.std())]
+        ds_cfg.setdefault("conadv", {}).update(mean=mean, std=std)
+        conadv = conadv.model_copy(update={"mean": mean, "std": std})
+        resolved.raw.setdefault("conadv", {}).update(mean=mean, std=std)
+    normalize = Normalize(conadv.mean, conadv.std)
+    return normalize(x_tr), y_tr, x_te, y_te, normalize, conadv
+
+
 def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: int, world: int,
          threads: int) -> Optional[Dict[str, Any]]:
     import logging
@@ -544,18 +577,14 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
 
     import ds_conadv
 
-    tc, conadv = resolved.train, resolved.conadv
+    if resolved.absa_enabled:
+        from ds_conadv.absa_train import run_absa
+
+        return run_absa(resolved, config_name, progress, out, rank, world, threads)
+    tc = resolved.train
     ds_cfg = resolved.deepspeed
-    # ---- data: pixels; the model sees (pixel - mean) / std with conadv's mean/std (the attack's geometry) ------
-    x_tr, y_tr, x_te, y_te = load_digits(tc.test_fraction, tc.split_seed)
-    if conadv.mean is None:  # not given: from the training split, and recorded in the resolved config
-        mean, std = [float(x_tr.mean())], [float(x_tr.std())]
-        ds_cfg.setdefault("conadv", {}).update(mean=mean, std=std)
-        conadv = conadv.model_copy(update={"mean": mean, "std": std})
-        resolved.raw.setdefault("conadv", {}).update(mean=mean, std=std)
-    normalize = Normalize(conadv.mean, conadv.std)
-    x_tr_n = normalize(x_tr)
-    n = x_tr.shape[0]
+    x_tr_n, y_tr, x_te, y_te, normalize, conadv = prepare_data(resolved, ds_cfg)
+    n = x_tr_n.shape[0]
 
     # ---- batch geometry: DeepSpeed's rule (train = micro * gas * world) --------------------------------------
     micro = ds_cfg.get("train_micro_batch_size_per_gpu")

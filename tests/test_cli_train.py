@@ -128,15 +128,15 @@ def test_local_rank_argument_of_the_deepspeed_launcher_is_accepted():
 def test_every_shipped_config_validates(path):
     resolved = train.validate_config(json.loads(path.read_text()), check_deepspeed=True)
     assert resolved.optimizer_type in ("LARS", "LAMB")
-    assert resolved.conadv.enabled
+    assert resolved.conadv.enabled or resolved.absa_enabled
 
 
 def test_configs_dir_has_the_expected_files():
     assert {p.name for p in CONFIGS} >= {"conadv_digits.json", "conadv_digits_lamb.json",
-                                         "resnet50_96k_lars_conadv.json"}
+                                         "resnet50_96k_lars_conadv.json", "absa_digits.json"}
 
 
-@pytest.mark.parametrize("name", train.OPTIMIZER_CONFIGS.values())
+@pytest.mark.parametrize("name", train.embedded_config_names())
 def test_embedded_configs_equal_the_files_in_configs(name):
     assert train.load_embedded(name) == json.loads((ROOT / "configs" / name).read_text())
 
@@ -270,3 +270,31 @@ def test_warmup_poly_decay_lr():
     got = lrs(WarmupPolyDecayLR, power=1.6)
     want = [4.0 * it / 4 if it < 4 else 4.0 * max(0.0, (10 - it) / 6) ** 1.6 for it in range(12)]
     assert got == pytest.approx(want)
+
+
+def test_absa_config_runs_on_two_ranks(tmp_path):
+    """ds-conadv train --config configs/absa_digits.json: the ABSA loop, 2 ranks, 3 epochs; the batch grows."""
+    out = tmp_path / "absa"
+    proc = subprocess.run([sys.executable, "-m", "ds_conadv.cli", "train", "--config",
+                           str(ROOT / "configs" / "absa_digits.json"), "--epochs", "3", "--nproc", "2",
+                           "--out-dir", str(out), "--no-progress"],
+                          env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["mode"] == "absa" and summary["ranks_agree"] and summary["world_size"] == 2
+    assert summary["epochs"] == 3 and summary["final_global_batch"] > summary["global_batches"][0] == 32
+    assert summary["final_test_clean_acc"] > 0.8 and not math.isnan(summary["final_test_adv_acc"])
+    assert (out / "absa.png").read_bytes()[:8] == PNG_MAGIC and (out / "absa_log.csv").is_file()
+    assert "adversarial test accuracy:" in proc.stdout
+
+
+def test_absa_refuses_auto_total_steps(tmp_path, capsys):
+    cfg = json.loads((ROOT / "configs" / "absa_digits.json").read_text())
+    cfg["scheduler"] = {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 0.5, "warmup_num_steps": 2,
+                                                            "total_num_steps": "auto"}}
+    path = tmp_path / "absa_auto.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit):  # before any rank starts
+        cli.main(["train", "--config", str(path), "--nproc", "2", "--out-dir", str(tmp_path / "o")])
+    assert '"scheduler.params.total_num_steps" = "auto" with "absa.enabled"' in capsys.readouterr().err
+
