@@ -409,6 +409,18 @@ def test_contiguous_state_loads_into_channels_last_model(cls):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+def test_channels_last_state_loads_into_contiguous_model(cls):
+    """The other way round: the state takes the contiguous param's layout at load time (fused kernels need it)."""
+    nets = {cl: _conv_net(cl) for cl in (False, True)}
+    opt_cl = cls(nets[True].parameters(), lr=0.05, weight_decay=0.01)
+    _train_conv(nets[True], opt_cl, steps=2)
+    nets[False].load_state_dict(nets[True].state_dict())
+    opt = cls(nets[False].parameters(), lr=0.05, weight_decay=0.01)
+    opt.load_state_dict(copy.deepcopy(opt_cl.state_dict()))
+    assert all(t.is_contiguous() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
 def test_overlapping_params_are_refused():
     base = torch.zeros(4, requires_grad=True)
     p = base.detach().as_strided((3, 2), (1, 1)).requires_grad_()  # overlapping: element 1 appears twice

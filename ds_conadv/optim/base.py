@@ -164,10 +164,8 @@ class TrustRatioOptimizer(Optimizer):
     def _flat_members(self, p: Tensor, state: dict) -> Tensor:
         """For a param that is not contiguous: check it is dense (e.g. channels_last), give its gradient, state
         and master its layout where they differ (a gradient set by hand, state loaded from a contiguous run:
-        copied once, stored back), and return the gradient. The caller then passes flat views (:func:`_flat`)."""
-        if not _is_dense(p):
-            raise ValueError(f"{type(self).__name__} needs dense params (contiguous, channels_last or another "
-                             f"permutation of dims); got shape {tuple(p.shape)} with strides {p.stride()}")
+        copied once, stored back), and return the gradient. The caller then passes flat views (:func:`_flat`).
+        :meth:`_check_grad` has made sure that ``p`` is dense."""
         g = p.grad
         if g.stride() != p.stride():
             g = p.grad = torch.empty_like(p, dtype=g.dtype).copy_(g)
@@ -382,6 +380,9 @@ class TrustRatioOptimizer(Optimizer):
                 continue
             for key, value in saved.items():
                 if isinstance(value, Tensor):
+                    if value.shape == p.shape and value.dim() > 1 and value.stride() != p.stride():
+                        # saved from a model in another memory layout (channels_last vs contiguous): take p's
+                        value = torch.empty_like(p, dtype=value.dtype).copy_(value)
                     self.state[p][key] = value.detach().to(device=p.device, copy=True)
         for group in self.param_groups:
             self._validate_group(group)
