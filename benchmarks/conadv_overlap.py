@@ -66,6 +66,21 @@ def modes_of(args):
     return MODES + (("conadv_bwd",) if getattr(args, "compare_start", False) else ())
 
 
+def overlap_model(width):
+    """The benchmark's model (both backends): MLP 256-width-width-10 with BatchNorm, seeded."""
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(256, width), torch.nn.BatchNorm1d(width), torch.nn.ReLU(),
+                               torch.nn.Linear(width, width), torch.nn.BatchNorm1d(width), torch.nn.ReLU(),
+                               torch.nn.Linear(width, 10))
+
+
+def overlap_model_params(width):
+    """Its parameter count with dual BN (linear layers + main and adversarial BN), without building it."""
+    return 256 * width + width + width * width + width + width * 10 + 10 + 4 * width * 2
+
+
 def batch_stream(pool):
     """An endless iterator over pre-made batches: pulling a batch costs nothing in any mode (making random
     batches on the fly would be charged to the modes that pull one — all but no_gen — and bias the baseline)."""
@@ -126,13 +141,6 @@ def rank_main(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    def model():
-        torch.manual_seed(0)
-        w = args.width
-        return torch.nn.Sequential(torch.nn.Linear(256, w), torch.nn.BatchNorm1d(w), torch.nn.ReLU(),
-                                   torch.nn.Linear(w, w), torch.nn.BatchNorm1d(w), torch.nn.ReLU(),
-                                   torch.nn.Linear(w, 10))
-
     def engine(mode):
         cfg = {"train_micro_batch_size_per_gpu": args.batch, "train_batch_size": args.batch * world,
                "zero_optimization": {"stage": args.stage}, "gradient_clipping": 0.0, "steps_per_print": 10**9,
@@ -141,7 +149,7 @@ def rank_main(args):
                           "epsilon": 0.05}}
         if args.attack == "pgd":
             cfg["conadv"].update(steps=args.pgd_steps, step_size=0.02)
-        eng, *_ = ds_conadv.initialize(model=model(), config=cfg)
+        eng, *_ = ds_conadv.initialize(model=overlap_model(args.width), config=cfg)
         if mode == "conadv_bwd":
             eng.generation_start = "backward"
         return eng
@@ -298,7 +306,7 @@ def main(argv=None):
     raw = json.load(open(raw_path))
     os.remove(raw_path)
     w = args.width
-    n_params = 256 * w + w + w * w + w + w * 10 + 10 + 4 * w * 2  # linear layers + main and adv BN
+    n_params = overlap_model_params(w)
     report = {
         "benchmark": "conadv_overlap", "device": args.device, "stage": args.stage, "nproc": args.nproc,
         "width": w, "batch": args.batch, "attack": args.attack + (f"-{args.pgd_steps}" if args.attack == "pgd" else ""),

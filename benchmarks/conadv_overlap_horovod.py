@@ -55,16 +55,9 @@ def rank_main(args):
     hvd.init()
     rank = hvd.rank()
 
-    def model():
-        torch.manual_seed(0)
-        w = args.width
-        return torch.nn.Sequential(torch.nn.Linear(256, w), torch.nn.BatchNorm1d(w), torch.nn.ReLU(),
-                                   torch.nn.Linear(w, w), torch.nn.BatchNorm1d(w), torch.nn.ReLU(),
-                                   torch.nn.Linear(w, 10))
-
     def trainer(mode):
         cfg = ConAdvConfig(enabled=mode != "vanilla", tau=0 if mode == "disadv" else 1, attack="fgsm", epsilon=0.05)
-        m = prepare_model(model(), cfg)
+        m = prepare_model(base.overlap_model(args.width), cfg)
         opt = LARS(m.parameters(), lr=0.1, backend="foreach")
         named = [(f"{mode}.{n}", p) for n, p in m.named_parameters()]  # unique allreduce names per trainer
         return HorovodConAdvTrainer(m, distributed_optimizer(opt, named_parameters=named), cfg=cfg)
@@ -130,7 +123,7 @@ def main(argv=None):
     raw = json.load(open(raw_path))
     os.remove(raw_path)
     w = args.width
-    n_params = 256 * w + w + w * w + w + w * 10 + 10 + 4 * w * 2
+    n_params = base.overlap_model_params(w)
     import horovod
 
     report = {
