@@ -1,4 +1,4 @@
-"""benchmarks/optim_step.py at tiny scale: runs, writes its JSON and markdown section."""
+"""benchmarks/optim_step.py at tiny scale (runs, writes its JSON and markdown section); the ConAdv overlap benchmarks."""
 import importlib.util
 import json
 import math
@@ -96,3 +96,36 @@ def test_cli_bench_forwards_arguments(capsys):
 
     assert cli.main(["bench", "--list", "--backends", "foreach", "--only", "LAMB[*],AdamW(*)"]) == 0
     assert capsys.readouterr().out.split() == ["LAMB[foreach]", "AdamW(foreach)", "AdamW(fused)"]
+
+
+def test_conadv_overlap_benchmarks_run_at_tiny_size(tmp_path):
+    """benchmarks/conadv_overlap.py (DeepSpeed, 2 ranks, --compare-start) and its table, and, with Horovod,
+    benchmarks/conadv_overlap_horovod.py: every mode timed, the summary fields present."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dist_harness import base_env
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ds.json"
+    md = tmp_path / "bench.md"
+    tiny = ["--rounds", "2", "--steps-per-round", "1", "--width", "64", "--batch", "8"]
+    subprocess.run([sys.executable, str(root / "benchmarks" / "conadv_overlap.py"), *tiny, "--compare-start",
+                    "--tag", "smoke", "--json", str(out), "--markdown", str(md)],
+                   env=base_env(), cwd=root, check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    s = report["summary"]
+    assert set(s["median_s"]) == {"vanilla", "disadv", "conadv", "no_gen", "conadv_bwd", "gen"}
+    assert s["reduction_s"] > 0 and "exposed_fraction_generation_with_backward" in s
+    assert "conadv_overlap:BEGIN conadv_overlap/cpu/stage2/smoke" in md.read_text()
+    table = subprocess.run([sys.executable, str(root / "benchmarks" / "conadv_overlap.py"), "--table", str(out)],
+                           capture_output=True, text=True, check=True).stdout
+    assert table.count("\n") == 3 and "| smoke | 2 | 8 |" in table
+    if subprocess.run([sys.executable, "-c", "import horovod.torch"], capture_output=True).returncode == 0:
+        hout = tmp_path / "hvd.json"
+        subprocess.run([sys.executable, str(root / "benchmarks" / "conadv_overlap_horovod.py"), *tiny,
+                        "--json", str(hout)], env=base_env(), cwd=root, check=True, capture_output=True, timeout=300)
+        assert set(json.loads(hout.read_text())["summary"]["median_s"]) == {"vanilla", "disadv", "conadv", "no_gen",
+                                                                          "gen"}
