@@ -75,9 +75,7 @@ extern "C" int dsc_sumsq2(const int64_t* table, int64_t n_seg, int64_t n_items, 
                           const int64_t* seg_ids, int64_t num_ids, const uint8_t* skip, float* partial,
                           float* seg_sums, float* out, int out_cols, void*) {
   const Table t = make_table(table, n_seg, n_items);
-  SumsqArgs a;
-  a.coef = coef;
-  a.skip = skip;
+  const SumsqArgs a = sumsq_args(coef, skip);
   int launched = 0;
   if (n_items > 0) {
     if (!skipped(skip))
@@ -94,18 +92,8 @@ extern "C" int dsc_lamb_phase1(const int64_t* table, int64_t n_seg, int64_t n_it
                                const int64_t* seg_ids, int64_t num_ids, const uint8_t* skip, float* partial,
                                float* seg_sums, float* out, void*) {
   const Table t = make_table(table, n_seg, n_items);
-  Lamb1Args a;
-  a.coef = coef;
-  a.bc1 = bc1;
-  a.bc2 = bc2;
-  a.beta1 = beta1;
-  a.beta2 = beta2;
-  a.beta3 = beta3;
-  a.one_minus_beta2 = one_minus_beta2;
-  a.eps = eps;
-  a.weight_decay = weight_decay;
-  a.adam_w_mode = adam_w_mode;
-  a.skip = skip;
+  const Lamb1Args a = lamb1_args(coef, bc1, bc2, beta1, beta2, beta3, one_minus_beta2, eps, weight_decay, adam_w_mode,
+                                 skip);
   int launched = 0;
   if (n_items > 0) {
     if (!skipped(skip))
@@ -121,15 +109,7 @@ extern "C" int dsc_lamb_phase2(const int64_t* table, int64_t n_seg, int64_t n_it
                                float weight_decay, int adam_w_mode, const uint8_t* skip, void*) {
   if (n_items == 0) return 0;
   const Table t = make_table(table, n_seg, n_items);
-  Lamb2Args a;
-  a.step_size = step_size;
-  a.seg_ids = seg_ids;
-  a.bc1 = bc1;
-  a.bc2 = bc2;
-  a.eps = eps;
-  a.weight_decay = weight_decay;
-  a.adam_w_mode = adam_w_mode;
-  a.skip = skip;
+  const Lamb2Args a = lamb2_args(step_size, seg_ids, bc1, bc2, eps, weight_decay, adam_w_mode, skip);
   if (!skipped(skip))
     run_items(n_items, nullptr, [&](int64_t item, int tid, float&, float&) { lamb2_thread(t, a, item, tid); });
   return 1;
@@ -141,18 +121,8 @@ extern "C" int dsc_lars_phase2(const int64_t* table, int64_t n_seg, int64_t n_it
                                int nesterov, const uint8_t* skip, void*) {
   if (n_items == 0) return 0;
   const Table t = make_table(table, n_seg, n_items);
-  Lars2Args a;
-  a.coef = coef;
-  a.ratio = ratio;
-  a.seg_ids = seg_ids;
-  a.steps = steps;
-  a.lr_ptr = lr_ptr;
-  a.lr = lr;
-  a.weight_decay = weight_decay;
-  a.momentum = momentum;
-  a.one_minus_dampening = one_minus_dampening;
-  a.nesterov = nesterov;
-  a.skip = skip;
+  const Lars2Args a = lars2_args(coef, ratio, seg_ids, steps, lr_ptr, lr, weight_decay, momentum, one_minus_dampening,
+                                 nesterov, skip);
   if (!skipped(skip))
     run_items(n_items, nullptr, [&](int64_t item, int tid, float&, float&) { lars2_thread(t, a, item, tid); });
   return 1;

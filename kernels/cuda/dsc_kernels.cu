@@ -152,10 +152,7 @@ extern "C" int dsc_sumsq2(const int64_t* table, int64_t n_seg, int64_t n_items, 
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   int launched = 0;
   if (n_items > 0) {
-    SumsqArgs a;
-    a.coef = coef;
-    a.skip = skip;
-    sumsq2_kernel<<<(unsigned)n_items, kThreads, 0, st>>>(table, n_seg, n_items, a, partial);
+    sumsq2_kernel<<<(unsigned)n_items, kThreads, 0, st>>>(table, n_seg, n_items, sumsq_args(coef, skip), partial);
     ++launched;
   }
   launched += launch_reductions(table, n_seg, n_items, partial, seg_ids, num_ids, skip, seg_sums, out, out_cols,
@@ -172,18 +169,8 @@ extern "C" int dsc_lamb_phase1(const int64_t* table, int64_t n_seg, int64_t n_it
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   int launched = 0;
   if (n_items > 0) {
-    Lamb1Args a;
-    a.coef = coef;
-    a.bc1 = bc1;
-    a.bc2 = bc2;
-    a.beta1 = beta1;
-    a.beta2 = beta2;
-    a.beta3 = beta3;
-    a.one_minus_beta2 = one_minus_beta2;
-    a.eps = eps;
-    a.weight_decay = weight_decay;
-    a.adam_w_mode = adam_w_mode;
-    a.skip = skip;
+    const Lamb1Args a = lamb1_args(coef, bc1, bc2, beta1, beta2, beta3, one_minus_beta2, eps, weight_decay,
+                                   adam_w_mode, skip);
     lamb1_kernel<<<(unsigned)n_items, kThreads, 0, st>>>(table, n_seg, n_items, a, partial);
     ++launched;
   }
@@ -196,15 +183,7 @@ extern "C" int dsc_lamb_phase2(const int64_t* table, int64_t n_seg, int64_t n_it
                                float weight_decay, int adam_w_mode, const uint8_t* skip, void* stream) {
   if (!grid_ok(n_items)) return -(int)cudaErrorInvalidConfiguration;
   if (n_items == 0) return 0;
-  Lamb2Args a;
-  a.step_size = step_size;
-  a.seg_ids = seg_ids;
-  a.bc1 = bc1;
-  a.bc2 = bc2;
-  a.eps = eps;
-  a.weight_decay = weight_decay;
-  a.adam_w_mode = adam_w_mode;
-  a.skip = skip;
+  const Lamb2Args a = lamb2_args(step_size, seg_ids, bc1, bc2, eps, weight_decay, adam_w_mode, skip);
   lamb2_kernel<<<(unsigned)n_items, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(table, n_seg, n_items,
                                                                                             a);
   return finish(1);
@@ -216,18 +195,8 @@ extern "C" int dsc_lars_phase2(const int64_t* table, int64_t n_seg, int64_t n_it
                                int nesterov, const uint8_t* skip, void* stream) {
   if (!grid_ok(n_items)) return -(int)cudaErrorInvalidConfiguration;
   if (n_items == 0) return 0;
-  Lars2Args a;
-  a.coef = coef;
-  a.ratio = ratio;
-  a.seg_ids = seg_ids;
-  a.steps = steps;
-  a.lr_ptr = lr_ptr;
-  a.lr = lr;
-  a.weight_decay = weight_decay;
-  a.momentum = momentum;
-  a.one_minus_dampening = one_minus_dampening;
-  a.nesterov = nesterov;
-  a.skip = skip;
+  const Lars2Args a = lars2_args(coef, ratio, seg_ids, steps, lr_ptr, lr, weight_decay, momentum, one_minus_dampening,
+                                 nesterov, skip);
   lars2_kernel<<<(unsigned)n_items, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(table, n_seg, n_items,
                                                                                             a);
   return finish(1);

@@ -299,6 +299,65 @@ struct Lars2Args {
   const uint8_t* skip;
 };
 
+// The arguments of each dsc_api.h launcher, in its order, packed for the kernels: one mapping, used by the GPU
+// launchers (dsc_kernels.cu) and the host emulation (dsc_host_emulation.cpp) alike.
+inline SumsqArgs sumsq_args(const float* coef, const uint8_t* skip) {
+  SumsqArgs a;
+  a.coef = coef;
+  a.skip = skip;
+  return a;
+}
+
+inline Lamb1Args lamb1_args(const float* coef, const float* bc1, const float* bc2, float beta1, float beta2,
+                            float beta3, float one_minus_beta2, float eps, float weight_decay, int adam_w_mode,
+                            const uint8_t* skip) {
+  Lamb1Args a;
+  a.coef = coef;
+  a.bc1 = bc1;
+  a.bc2 = bc2;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.beta3 = beta3;
+  a.one_minus_beta2 = one_minus_beta2;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  a.adam_w_mode = adam_w_mode;
+  a.skip = skip;
+  return a;
+}
+
+inline Lamb2Args lamb2_args(const float* step_size, const int64_t* seg_ids, const float* bc1, const float* bc2,
+                            float eps, float weight_decay, int adam_w_mode, const uint8_t* skip) {
+  Lamb2Args a;
+  a.step_size = step_size;
+  a.seg_ids = seg_ids;
+  a.bc1 = bc1;
+  a.bc2 = bc2;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  a.adam_w_mode = adam_w_mode;
+  a.skip = skip;
+  return a;
+}
+
+inline Lars2Args lars2_args(const float* coef, const float* ratio, const int64_t* seg_ids, const float* steps,
+                            const float* lr_ptr, float lr, float weight_decay, float momentum,
+                            float one_minus_dampening, int nesterov, const uint8_t* skip) {
+  Lars2Args a;
+  a.coef = coef;
+  a.ratio = ratio;
+  a.seg_ids = seg_ids;
+  a.steps = steps;
+  a.lr_ptr = lr_ptr;
+  a.lr = lr;
+  a.weight_decay = weight_decay;
+  a.momentum = momentum;
+  a.one_minus_dampening = one_minus_dampening;
+  a.nesterov = nesterov;
+  a.skip = skip;
+  return a;
+}
+
 DSC_HD bool skipped(const uint8_t* skip) { return skip != nullptr && *skip != 0; }
 
 DSC_HD int64_t norm_id(const int64_t* seg_ids, int64_t s) { return seg_ids != nullptr ? seg_ids[s] : s; }
