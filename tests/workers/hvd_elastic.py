@@ -20,7 +20,7 @@ from ds_conadv.integrations.horovod import ElasticConAdvState, HorovodConAdvTrai
 from ds_conadv.optim import LARS
 
 IN, HIDDEN, CLASSES, MICRO = 9, 17, 4, 8
-STEPS_PER_PHASE, MAX_STEPS = 4, 400
+STEPS_PER_PHASE, MAX_STEPS = 4, 1500  # MAX_STEPS: a safety stop (~90 s), far beyond a normal run
 
 
 def stream(rank, size, start_step):
