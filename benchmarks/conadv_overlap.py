@@ -275,6 +275,20 @@ def report_key(report):
     return f"conadv_overlap/{report['device']}/stage{report['stage']}" + (f"/{tag}" if tag else "")
 
 
+def write_report(report, out, markdown_path, text, key):
+    """The JSON file, the headline numbers on stdout, and (with ``markdown_path``) the report's docs section.
+    Shared with the Horovod run."""
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    s = report["summary"]
+    print(json.dumps({k: s[k] for k in ("median_s", "exposed_fraction", "exposed_fraction_p10_p90", "ratios")},
+                     indent=1))
+    print(f"# wrote {out}")
+    if markdown_path:
+        update_markdown(markdown_path, text, key)
+        print(f"# updated {markdown_path}")
+
+
 def update_markdown(path, text, key):
     begin, end = f"<!-- conadv_overlap:BEGIN {key} -->", f"<!-- conadv_overlap:END {key} -->"
     old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
@@ -319,15 +333,7 @@ def main(argv=None):
     }
     out = args.json_out or os.path.join(HERE, "results", f"conadv_overlap-{args.device}-stage{args.stage}"
                                         + (f"-{args.tag}" if args.tag else "") + ".json")
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    s = report["summary"]
-    print(json.dumps({k: s[k] for k in ("median_s", "exposed_fraction", "exposed_fraction_p10_p90", "ratios")},
-                     indent=1))
-    print(f"# wrote {out}")
-    if args.markdown:
-        update_markdown(args.markdown, markdown(report), report_key(report))
-        print(f"# updated {args.markdown}")
+    write_report(report, out, args.markdown, markdown(report), report_key(report))
     return 0
 
 

@@ -137,15 +137,7 @@ def main(argv=None):
         "summary": base.summarize(raw, args), "raw": raw,
     }
     out = args.json_out or os.path.join(HERE, "results", f"conadv_overlap-{args.device}-horovod.json")
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    s = report["summary"]
-    print(json.dumps({k: s[k] for k in ("median_s", "exposed_fraction", "exposed_fraction_p10_p90", "ratios")},
-                     indent=1))
-    print(f"# wrote {out}")
-    if args.markdown:
-        base.update_markdown(args.markdown, markdown(report), _key(report))
-        print(f"# updated {args.markdown}")
+    base.write_report(report, out, args.markdown, markdown(report), _key(report))
     if with_ds:
         ds_out = out[:-len(".json")] + f"-deepspeed-stage{args.stage}.json"
         print(f"# now the DeepSpeed backend, same sizes (benchmarks/conadv_overlap.py) -> {ds_out}")
