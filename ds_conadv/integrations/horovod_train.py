@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_conadv.config import (ConAdvConfig, ConfigError, optimizer_class, strip_comments,
-                              validate_optimizer_params)
+from ds_conadv.config.builders import (build_from_spec, build_scheduler, optimizer_params, optimizer_spec,
+                                       resolve_clipping)
+from ds_conadv.config.sections import ConAdvConfig, ConfigError, strip_comments
 
 __all__ = ["train_horovod", "resolve_batch", "digits_data", "digits_cnn", "main"]
 
@@ -110,72 +111,16 @@ def _train_section(cfg: Dict[str, Any]) -> Any:
 
 
 def _build_optimizer(model: nn.Module, cfg: Dict[str, Any]) -> Tuple[torch.optim.Optimizer, Optional[float]]:
-    """(optimizer, clip norm the trainer applies itself: for optimizers without ``max_grad_norm``)."""
-    from ds_conadv.optim import param_groups
-
-    section = cfg.get("optimizer")
-    if not isinstance(section, dict) or "type" not in section:
-        raise ConfigError('"optimizer" must be {"type": "LAMB" | "LARS" | ..., "params": {...}}')
-    clip = cfg.get("gradient_clipping") or None
-    cls = optimizer_class(section["type"])
-    if cls is not None:
-        kwargs, grouping = validate_optimizer_params(cls, section.get("params"))
-        if clip is not None:
-            own = kwargs.get("max_grad_norm")
-            if own is not None and own != clip:
-                raise ConfigError(f'"gradient_clipping" ({clip}) and "optimizer.params.max_grad_norm" ({own}) '
-                                  "disagree: give one of them")
-            kwargs["max_grad_norm"] = clip
-        if grouping.get("exclude_norm_and_bias"):
-            params = param_groups(model, kwargs.get("weight_decay", 0.0))
-        else:
-            params = [p for p in model.parameters() if p.requires_grad]
-        return cls(params, **kwargs), None
-    names = {n.lower(): n for n in dir(torch.optim)}
-    name = names.get(str(section["type"]).lower())
-    klass = getattr(torch.optim, name, None) if name else None
-    if not (isinstance(klass, type) and issubclass(klass, torch.optim.Optimizer)):
-        raise ConfigError(f'"optimizer.type" = {section["type"]!r}: LAMB, LARS or a torch.optim optimizer')
-    params = dict(section.get("params") or {})
-    if params.pop("exclude_norm_and_bias", False):
-        groups = param_groups(model, params.get("weight_decay", 0.0))
-    else:
-        groups = [p for p in model.parameters() if p.requires_grad]
-    if "betas" in params:
-        params["betas"] = tuple(params["betas"])
-    return klass(groups, **params), clip
+    """(optimizer, clip norm the trainer applies itself: for optimizers without ``max_grad_norm``), from the one
+    builder (:mod:`ds_conadv.config.builders`)."""
+    spec = optimizer_spec(cfg.get("optimizer"), allow_torch=True)
+    clip = resolve_clipping(cfg.get("gradient_clipping"), spec.max_grad_norm)
+    optimizer = build_from_spec(spec, optimizer_params(spec, model), max_grad_norm=clip)
+    return optimizer, (None if spec.ours else clip)
 
 
 def _build_scheduler(optimizer: torch.optim.Optimizer, cfg: Dict[str, Any], total_steps: int) -> Any:
-    section = cfg.get("scheduler")
-    if section is None:
-        return None
-    if not isinstance(section, dict) or "type" not in section:
-        raise ConfigError('"scheduler" must be {"type": ..., "params": {...}}')
-    params = dict(section.get("params") or {})
-    if params.get("total_num_steps") == "auto":  # as ds-conadv train: epochs x steps per epoch
-        params["total_num_steps"] = total_steps
-    section = {**section, "params": params}
-    import logging
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    from deepspeed.runtime import lr_schedules as ds_schedules
-    from deepspeed.utils import logger as ds_logger
-
-    from ds_conadv.lr_schedules import scheduler_class, scheduler_factory
-
-    level = ds_logger.level
-    ds_logger.setLevel(logging.ERROR)  # "lr before the scheduler started" at construction
-    try:
-        if scheduler_class(section["type"]) is not None:
-            return scheduler_factory(section)(optimizer)
-        cls = getattr(ds_schedules, str(section["type"]), None)
-        if not isinstance(cls, type):
-            raise ConfigError(f'"scheduler.type" = {section["type"]!r}: not WarmupPolyDecayLR nor a DeepSpeed '
-                              "scheduler")
-        return cls(optimizer, **params)
-    finally:
-        ds_logger.setLevel(level)
+    return build_scheduler(cfg.get("scheduler"), optimizer, total_steps)
 
 
 def _rank_stream(x: torch.Tensor, y: torch.Tensor, *, rank: int, world: int, micro: int, gas: int, seed: int,

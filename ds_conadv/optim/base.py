@@ -1,13 +1,14 @@
 """What LAMB and LARS share: state, master weights, global clipping, GradScaler, segments, dispatch."""
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from ds_conadv._registry import wrapper_resolvers
 
 from . import functional as F
 from .backends import check_backend_name, get_kernels
@@ -333,20 +334,20 @@ class TrustRatioOptimizer(Optimizer):
                    and id(g["params"][0]) not in self._layouts]
         if not foreign:
             return False
-        if "deepspeed" in sys.modules:
-            from ds_conadv.integrations.deepspeed import auto_attach
-
-            wrapper = auto_attach(self)
-            if wrapper == "FP16_UnfusedOptimizer":
-                grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-                return bool(grads) and all(not g.any() for g in grads)
-            if wrapper:
-                return False
+        for resolver in wrapper_resolvers():  # registered by integrations (DeepSpeed: ds_conadv/__init__.py)
+            outcome = resolver(self)
+            if outcome is not None:
+                return outcome == "init_only"
         raise RuntimeError(
             f"{type(self).__name__}'s params were replaced by tensors it was not built with (a flattening wrapper "
             "such as DeepSpeed ZeRO?): trust ratios would be taken over flat slices. Call "
             "ds_conadv.integrations.deepspeed.attach(engine) after deepspeed.initialize, or use "
             "ds_conadv.initialize.")
+
+    def mark_attached(self) -> None:
+        """Called by an integration once it has given this optimizer the segment layouts of the wrapper that
+        flattened its params (or found that none are needed): steps no longer look for a wrapper."""
+        self._ds_attached = True
 
     @staticmethod
     def _kernels(group: dict, params: List[Tensor]):

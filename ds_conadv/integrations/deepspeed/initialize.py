@@ -24,20 +24,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
-import inspect
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
-from ds_conadv.config import (ConAdvConfig, ConfigError, optimizer_class, strip_comments,
-                              validate_optimizer_params)
+from ds_conadv.config.builders import build_from_spec, optimizer_params, optimizer_spec, scheduler_factory
+from ds_conadv.config.sections import ConAdvConfig, ConfigError, strip_comments
 from ds_conadv.conadv.trainer import prepare_model
-from ds_conadv.optim import SegmentLayout, TrustRatioOptimizer, param_groups
+from ds_conadv.optim import TrustRatioOptimizer
 
-__all__ = ["initialize", "attach", "auto_attach", "load_config", "validate_config"]
+from .zero_layout import attach
+
+__all__ = ["initialize", "load_config", "validate_config"]
 
 
 def load_config(args=None, config=None, config_params=None) -> Dict[str, Any]:
@@ -89,8 +89,8 @@ def _check_absa(section, cfg: Dict[str, Any], conadv: ConAdvConfig):
     of ranks is checked by the driver, which knows it)."""
     if section is None:
         return None
-    from ds_conadv.absa import ABSAConfig, accumulation_steps, reachable_batches
-    from ds_conadv.absa_driver import attack_config
+    from ds_conadv.absa.driver import attack_config
+    from ds_conadv.absa.policy import ABSAConfig, accumulation_steps, reachable_batches
 
     absa = ABSAConfig.from_section(section)
     if not absa.enabled:
@@ -126,23 +126,14 @@ def validate_config(config) -> Dict[str, Any]:
     conadv = ConAdvConfig.from_section(cfg.pop("conadv", None))
     _check_absa(cfg.pop("absa", None), cfg, conadv)
     cfg.pop("train", None)  # ds-conadv train's own section (validated by ds_conadv.train)
-    section = cfg.get("optimizer")
-    cls = optimizer_class(section.get("type", "")) if isinstance(section, dict) else None
-    if cls is not None:
-        unknown = set(section) - {"type", "params"}
-        if unknown:
-            raise ConfigError(f'unknown key "{sorted(unknown)[0]}" in "optimizer"; allowed keys: type, params')
-        kwargs_opt, _ = validate_optimizer_params(cls, section.get("params"))
-        _reconcile_clipping(cfg, kwargs_opt.pop("max_grad_norm", None))
-        cls([torch.zeros(1, requires_grad=True)], **kwargs_opt)  # the optimizer's own type/range checks
+    spec = optimizer_spec(cfg.get("optimizer"))
+    if spec is not None:  # ours (DeepSpeed's own types pass through)
+        _reconcile_clipping(cfg, spec.max_grad_norm)
+        spec.cls([torch.zeros(1, requires_grad=True)], **spec.kwargs)  # the optimizer's own type/range checks
         del cfg["optimizer"]
         cfg.setdefault("zero_allow_untested_optimizer", True)
-    sched = cfg.get("scheduler")
-    if isinstance(sched, dict):
-        from ds_conadv.lr_schedules import scheduler_class
-
-        if scheduler_class(sched.get("type")) is not None:
-            del cfg["scheduler"]
+    if isinstance(cfg.get("scheduler"), dict):
+        scheduler_factory(cfg.pop("scheduler"), total_steps=1)  # built by our factory (every type)
     try:
         DeepSpeedConfig(copy.deepcopy(cfg))
     except Exception as e:  # pydantic ValidationError, batch-size assertions, ...
@@ -158,13 +149,16 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     DeepSpeed engine with ``train_batch(data_iter)``); extra keywords for it: ``loss_fn`` (default cross-entropy),
     ``conadv_seed``, ``steps_per_epoch`` (for the adversarial epoch window).
 
-    With ``"absa": {"enabled": true}`` it is a :class:`~ds_conadv.absa_driver.DeepSpeedABSAEngine` instead (also a
+    With ``"absa": {"enabled": true}`` it is a :class:`~ds_conadv.integrations.deepspeed.engine.DeepSpeedABSAEngine` instead (also a
     drop-in, with ``train_batch(data_iter)``, ``end_epoch()``, ``steps_per_epoch(samples)``); a ``"conadv"``
     section then only describes ABSA's attack and must not be enabled. Its keywords: ``loss_fn``, ``conadv_seed``
-    (the attack's seed) and ``absa_options``, a dict of further :class:`~ds_conadv.absa_driver.ABSADriver`
+    (the attack's seed) and ``absa_options``, a dict of further :class:`~ds_conadv.absa.driver.ABSADriver`
     arguments (``eig_data``, ``eigenvalue_fn``, ``log_dir``)."""
     import deepspeed
 
+    from . import compat
+
+    compat.check_version()
     loss_fn = kwargs.pop("loss_fn", None)
     conadv_seed = kwargs.pop("conadv_seed", 0)
     steps_per_epoch = kwargs.pop("steps_per_epoch", None)
@@ -193,39 +187,22 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         model = prepare_model(model, conadv)
 
     section = cfg.get("optimizer")
-    cls = optimizer_class(section.get("type", "")) if isinstance(section, dict) else None
-    if cls is not None:
+    spec = optimizer_spec(section)
+    if spec is not None:  # ours (DeepSpeed's own types pass through to DeepSpeed)
         if optimizer is not None:
             raise ConfigError(f'both an optimizer= object and "optimizer": {{"type": "{section["type"]}"}} given; '
                               f"DeepSpeed would silently drop the config one: give one of them")
-        unknown = set(section) - {"type", "params"}
-        if unknown:
-            raise ConfigError(f'unknown key "{sorted(unknown)[0]}" in "optimizer"; allowed keys: type, params')
-        kwargs_opt, grouping = validate_optimizer_params(cls, section.get("params"))
-        _reconcile_clipping(cfg, kwargs_opt.pop("max_grad_norm", None))
-        if model_parameters is None:
-            if model is None:
-                raise ConfigError("building the optimizer from the config needs model= or model_parameters=")
-            if grouping.get("exclude_norm_and_bias"):
-                default_wd = inspect.signature(cls).parameters["weight_decay"].default
-                model_parameters = param_groups(model, kwargs_opt.get("weight_decay", default_wd))
-            else:
-                model_parameters = [p for p in model.parameters() if p.requires_grad]
-        elif grouping.get("exclude_norm_and_bias"):
-            raise ConfigError('"exclude_norm_and_bias" builds the groups from model=; it cannot be combined with '
-                              "model_parameters=")
-        optimizer = cls(model_parameters, **kwargs_opt)
+        _reconcile_clipping(cfg, spec.max_grad_norm)  # DeepSpeed clips (one global norm over all partitions)
+        model_parameters = optimizer_params(spec, model, model_parameters)
+        optimizer = build_from_spec(spec, model_parameters, max_grad_norm=None)
         del cfg["optimizer"]
     sched_section = cfg.get("scheduler")
-    if isinstance(sched_section, dict):
-        from ds_conadv.lr_schedules import scheduler_class, scheduler_factory
-
-        if scheduler_class(sched_section.get("type")) is not None:  # ours (DeepSpeed's types pass through)
-            if lr_scheduler is not None:
-                raise ConfigError(f'both an lr_scheduler= and "scheduler": {{"type": "{sched_section["type"]}"}} '
-                                  f"given; DeepSpeed would silently drop the config one: give one of them")
-            lr_scheduler = scheduler_factory(sched_section)
-            del cfg["scheduler"]
+    if isinstance(sched_section, dict):  # every type through the one factory, as under Horovod
+        if lr_scheduler is not None:
+            raise ConfigError(f'both an lr_scheduler= and "scheduler": {{"type": "{sched_section.get("type")}"}} '
+                              f"given; DeepSpeed would silently drop one of them: give one of them")
+        lr_scheduler = scheduler_factory(sched_section)
+        del cfg["scheduler"]
     if isinstance(optimizer, TrustRatioOptimizer):
         _reconcile_clipping(cfg, _strip_own_clipping(optimizer))
         if cfg.get("zero_optimization", {}).get("stage", 0):
@@ -237,127 +214,12 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         config=cfg, **kwargs)
     attach(engine)
     if absa_on:
-        from ds_conadv.absa_driver import DeepSpeedABSAEngine
+        from .engine import DeepSpeedABSAEngine
 
         engine = DeepSpeedABSAEngine(engine, absa, loss_fn, attack=conadv if has_conadv else None, seed=conadv_seed,
                                      **(absa_options or {}))
     elif has_conadv:
-        from ds_conadv.integrations.deepspeed_engine import DeepSpeedConAdvEngine
+        from .engine import DeepSpeedConAdvEngine
 
         engine = DeepSpeedConAdvEngine(engine, conadv, loss_fn, seed=conadv_seed, steps_per_epoch=steps_per_epoch)
     return engine, opt, loader, sched
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Exact trust ratios under DeepSpeed's flattening wrappers
-# ----------------------------------------------------------------------------------------------------------
-def _find_trust_optimizer(obj) -> Optional[TrustRatioOptimizer]:
-    seen = set()
-    while obj is not None and id(obj) not in seen:
-        if isinstance(obj, TrustRatioOptimizer):
-            return obj
-        seen.add(id(obj))
-        obj = getattr(obj, "optimizer", None)
-    return None
-
-
-def _all_reduce_hook(process_group):
-    from deepspeed import comm as dist
-
-    def hook(sums: torch.Tensor) -> None:
-        dist.all_reduce(sums, group=process_group)
-
-    return hook
-
-
-def _fragments_from_hp_mapping(lp_params: List[torch.Tensor]) -> List[tuple]:
-    frags = []
-    for index, lp in enumerate(lp_params):
-        mapping = getattr(lp, "_hp_mapping", None)
-        if mapping is None:
-            continue
-        address = mapping.get_hp_fragment_address()
-        frags.append((int(address.start), int(address.numel), index))
-    return frags
-
-
-def _contiguous_fragments(lp_params: List[torch.Tensor]) -> List[tuple]:
-    frags, offset = [], 0
-    for index, lp in enumerate(lp_params):
-        frags.append((offset, lp.numel(), index))
-        offset += lp.numel()
-    return frags
-
-
-def _set_layout(trust: TrustRatioOptimizer, flat: torch.Tensor, fragments: List[tuple], num_ids: int, hook) -> None:
-    # keyed by the flat tensor: DeepSpeed steps one group at a time with ``param_groups`` swapped
-    trust.set_segment_layout(flat, SegmentLayout([fragments], num_ids, hook))
-
-
-def attach(engine_or_optimizer) -> Optional[TrustRatioOptimizer]:
-    """Give our optimizer inside a DeepSpeed engine its segment layouts (exact trust ratios). Idempotent.
-
-    Returns the LAMB/LARS found, or ``None`` if the engine runs another optimizer.
-    """
-    is_engine = hasattr(engine_or_optimizer, "module") and hasattr(engine_or_optimizer, "optimizer")
-    wrapper = engine_or_optimizer.optimizer if is_engine else engine_or_optimizer
-    trust = _find_trust_optimizer(wrapper)
-    if trust is None:
-        return None
-    name = type(wrapper).__name__
-    if wrapper is trust or name == "FP16_UnfusedOptimizer":
-        # stage 0: fp32 runs hand our optimizer the real tensors, fp16/bf16 per-tensor fp32 copies
-        trust._ds_attached = True
-        return trust
-    if name == "DeepSpeedZeroOptimizer":  # ZeRO stage 1/2
-        for i, lp_params in enumerate(wrapper.bit16_groups):
-            _set_layout(trust, wrapper.single_partition_of_fp32_groups[i], _fragments_from_hp_mapping(lp_params),
-                        len(lp_params), _all_reduce_hook(wrapper.real_dp_process_group[i]))
-    elif name == "BF16_Optimizer":  # bf16 params, fp32 grad accumulation, ZeRO stage 1
-        for i, lp_params in enumerate(wrapper.bf16_groups):
-            _set_layout(trust, wrapper.fp32_groups_flat_partition[i], _fragments_from_hp_mapping(lp_params),
-                        len(lp_params), _all_reduce_hook(wrapper.real_dp_process_group[i]))
-    elif name == "FP16_Optimizer":  # fp16/bf16 without ZeRO: one flat fp32 copy per group, not partitioned
-        for i, lp_params in enumerate(wrapper.fp16_groups):
-            _set_layout(trust, wrapper.fp32_groups_flat[i], _contiguous_fragments(lp_params), len(lp_params), None)
-    elif name == "DeepSpeedZeroOptimizer_Stage3":
-        if getattr(wrapper, "offload_optimizer", False):
-            raise NotImplementedError("ds_conadv LAMB/LARS under ZeRO stage 3 with optimizer offload is not supported "
-                                      "(its sub-groups step on a backup optimizer); use it without offload_optimizer")
-        from deepspeed import comm as dist
-
-        hook = _all_reduce_hook(wrapper.dp_process_group)
-        rank = dist.get_rank(group=wrapper.dp_process_group)
-        for sub_group, flat in zip(wrapper.fp16_groups, wrapper.fp32_partitioned_groups_flat):
-            # every param is split evenly over the ranks; this rank's piece sits at a running offset in the
-            # sub-group's flat buffer, followed by padding on the last rank
-            fragments, offset = [], 0
-            for index, param in enumerate(sub_group):
-                part = param.partition_numel()
-                valid = max(0, min(part, param.ds_numel - rank * part))
-                if valid:
-                    fragments.append((offset, valid, index))
-                offset += part
-            _set_layout(trust, flat, fragments, len(sub_group), hook)
-    else:
-        raise NotImplementedError(f"ds_conadv cannot make trust ratios exact under DeepSpeed's {name}; supported: "
-                                  "no wrapper (fp32), FP16_Optimizer, BF16_Optimizer, ZeRO stage 1, 2 and 3")
-    trust._ds_attached = True
-    return trust
-
-
-def auto_attach(trust: TrustRatioOptimizer) -> Optional[str]:
-    """Called by our optimizer's first step when a wrapper has replaced its params by flat buffers (a
-    LAMB/LARS passed as ``optimizer=`` to plain ``deepspeed.initialize``): find the engine's wrapper through
-    the garbage collector's referrer links and attach. Returns the wrapper's class name, or None."""
-    wrappers = ("DeepSpeedZeroOptimizer", "BF16_Optimizer", "FP16_Optimizer", "FP16_UnfusedOptimizer",
-                "DeepSpeedZeroOptimizer_Stage3")
-    candidates = []
-    for ref in gc.get_referrers(trust):
-        # the wrapper holds us in ``self.optimizer``: the referrer is the wrapper or its __dict__
-        candidates += [ref] + (gc.get_referrers(ref) if isinstance(ref, dict) else [])
-    for obj in candidates:
-        if type(obj).__name__ in wrappers and getattr(obj, "optimizer", None) is trust:
-            attach(obj)
-            return type(obj).__name__
-    return None

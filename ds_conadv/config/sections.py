@@ -175,7 +175,8 @@ class ConAdvConfig(SectionModel):
 # ----------------------------------------------------------------------------------------------------------
 # "optimizer": {"type": "LAMB" | "LARS", "params": {...}}
 # ----------------------------------------------------------------------------------------------------------
-#: keys of ``optimizer.params`` that are not optimizer arguments but select params (see ``build_optimizer``)
+#: keys of ``optimizer.params`` that are not optimizer arguments but select params (see
+#: :func:`ds_conadv.config.builders.build_optimizer`)
 GROUPING_KEYS = ("exclude_norm_and_bias",)
 
 

@@ -3,7 +3,7 @@
 The ``"absa"`` section (:class:`ABSAConfig`) and :class:`ABSASchedule`, which turns a sequence of per-epoch top
 Hessian eigenvalues into the batch size, learning rate and adversarial ratio of the next epochs. The integrations
 (DeepSpeed ``set_train_batch_size``, Horovod ``backward_passes_per_step``) and the eigenvalue computation
-(:mod:`ds_conadv.hessian`) drive it (:mod:`ds_conadv.absa_driver`); it imports neither.
+(:mod:`ds_conadv.hessian`) drive it (:mod:`ds_conadv.absa.driver`); it imports neither.
 
 Rules, checked once per epoch in :meth:`ABSASchedule.end_epoch`:
 

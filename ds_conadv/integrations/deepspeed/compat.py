@@ -1,0 +1,244 @@
+"""The one place that reads or patches DeepSpeed's private internals, with the versions it is known to work with.
+
+Everything ds_conadv needs from DeepSpeed beyond its public API is listed here, each with what breaks without it:
+
+* the ZeRO / fp16 / bf16 optimizer wrappers' private buffers (:func:`wrapper_kind`, :func:`flat_partitions`,
+  :func:`hp_fragment`): without them trust ratios cannot be made exact (``attach`` raises, it never guesses);
+* ``DeepSpeedEngine._backward_epilogue`` (:func:`hook_backward_epilogue`): the point where the backward compute is
+  over and the gradient reduction begins, where the ConAdv engine starts the generation pass. DeepSpeed releases
+  without it run ConAdv correctly but start the generation only after the whole ``engine.backward`` (less
+  overlap): this module warns when that happens (:class:`DeepSpeedCompatWarning`), it is never silent;
+* ``WarmupDecayLR._get_gamma`` (:func:`check_scheduler_hook`): ``WarmupPolyDecayLR`` raises its decay to a power;
+* ``deepspeed.ops.__compatible_ops__`` (:func:`skip_shm_op_build`): keeps DeepSpeed from JIT-building an
+  inference-only op at the first multi-rank start on CPU (a start-up cost only).
+
+:data:`SUPPORTED` is the range declared in the package metadata (``setup.py``'s ``deepspeed`` extra) and tested
+in CI with its oldest and newest release (``scripts/test_deepspeed_oldest.sh``); :func:`check_version` warns,
+naming what may break, outside it.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import re
+import warnings
+from typing import Any, Callable, List, Optional, Tuple
+
+__all__ = ["SUPPORTED", "MIN_VERSION", "MAX_VERSION", "DeepSpeedCompatWarning", "check_version", "quiet_import",
+           "skip_shm_op_build", "wrapper_kind", "WRAPPERS", "flat_partitions", "hp_fragment", "find_wrapper",
+           "hook_backward_epilogue", "has_backward_epilogue", "check_scheduler_hook"]
+
+#: the DeepSpeed releases this module is written and tested against (``setup.py`` declares the same range)
+MIN_VERSION = "0.17.0"
+MAX_VERSION = "0.20"  # exclusive
+SUPPORTED = f">={MIN_VERSION},<{MAX_VERSION}"
+
+#: what each private dependency gives ds_conadv, named in the version warning
+PRIVATE_USES = (
+    "DeepSpeedEngine._backward_epilogue (ConAdv generation starts when the gradient reduction starts)",
+    "ZeRO 1/2/3, FP16_Optimizer and BF16_Optimizer flat partitions and _hp_mapping (exact LAMB/LARS trust ratios)",
+    "WarmupDecayLR._get_gamma (WarmupPolyDecayLR)",
+    "deepspeed.ops.__compatible_ops__ (skip the shm op's JIT build on CPU)",
+)
+
+
+class DeepSpeedCompatWarning(RuntimeWarning):
+    """DeepSpeed is outside the supported range, or a private hook ds_conadv uses is missing."""
+
+
+def _version_tuple(text: str) -> Tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+_checked = False
+
+
+def check_version(version: Optional[str] = None) -> bool:
+    """Whether ``version`` (default: the installed DeepSpeed's) is in :data:`SUPPORTED`; warns once if not."""
+    global _checked
+    if version is None:
+        import deepspeed
+
+        version = str(deepspeed.__version__)
+        if _checked:
+            return _in_range(version)
+        _checked = True
+    if _in_range(version):
+        return True
+    warnings.warn(f"ds_conadv supports DeepSpeed {SUPPORTED}, this is {version}: these private parts of DeepSpeed "
+                  f"may have changed: {'; '.join(PRIVATE_USES)}", DeepSpeedCompatWarning, stacklevel=2)
+    return False
+
+
+def _in_range(version: str) -> bool:
+    v = _version_tuple(version)
+    return _version_tuple(MIN_VERSION) <= v < _version_tuple(MAX_VERSION)
+
+
+def skip_shm_op_build() -> None:
+    """Mark DeepSpeed's inference-only ``deepspeed_shm_comm`` op incompatible, so that the first multi-rank start
+    on CPU does not JIT-build it (training never uses it)."""
+    import deepspeed.ops
+
+    ops = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(ops, dict):
+        ops["deepspeed_shm_comm"] = False
+    else:
+        warnings.warn("deepspeed.ops.__compatible_ops__ is missing: DeepSpeed may JIT-build its shm op at the first "
+                      "multi-rank start on CPU (start-up time only)", DeepSpeedCompatWarning, stacklevel=2)
+
+
+def quiet_import() -> Any:
+    """Import DeepSpeed for a training run: CPU accelerator without a GPU (else DeepSpeed prints its detection
+    warning on stdout), no JIT build of its shm op, the version checked. Returns the module."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    check_version()
+    skip_shm_op_build()
+    return deepspeed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# optimizer wrappers (ZeRO, fp16, bf16): what zero_layout needs, and nothing else
+# ----------------------------------------------------------------------------------------------------------
+#: wrapper class name -> kind; DeepSpeed's wrappers are recognised by name (importing each class would import
+#: optional parts of DeepSpeed, and their module paths moved between releases)
+WRAPPERS = {
+    "DeepSpeedZeroOptimizer": "zero12",
+    "BF16_Optimizer": "bf16",
+    "FP16_Optimizer": "fp16",
+    "FP16_UnfusedOptimizer": "fp16_unfused",
+    "DeepSpeedZeroOptimizer_Stage3": "zero3",
+}
+
+
+def wrapper_kind(wrapper: Any) -> Optional[str]:
+    """The kind of DeepSpeed optimizer wrapper (``"zero12"``, ``"bf16"``, ``"fp16"``, ``"fp16_unfused"``,
+    ``"zero3"``), or None for anything else."""
+    return WRAPPERS.get(type(wrapper).__name__)
+
+
+def _require(obj: Any, name: str) -> Any:
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        raise NotImplementedError(f"DeepSpeed's {type(obj).__name__} has no {name!r} (DeepSpeed outside "
+                                  f"{SUPPORTED}?): ds_conadv cannot make LAMB/LARS trust ratios exact") from None
+
+
+def flat_partitions(wrapper: Any) -> List[Tuple[Any, List[Any], Any]]:
+    """Per param group of a stage-1/2, bf16 or fp16 wrapper: ``(flat fp32 tensor the optimizer steps on, the
+    group's low-precision params in flat order, data-parallel process group or None when not partitioned)``."""
+    kind = wrapper_kind(wrapper)
+    if kind == "zero12":
+        return list(zip(_require(wrapper, "single_partition_of_fp32_groups"), _require(wrapper, "bit16_groups"),
+                        _require(wrapper, "real_dp_process_group")))
+    if kind == "bf16":
+        return list(zip(_require(wrapper, "fp32_groups_flat_partition"), _require(wrapper, "bf16_groups"),
+                        _require(wrapper, "real_dp_process_group")))
+    if kind == "fp16":
+        return [(flat, lp, None) for flat, lp in zip(_require(wrapper, "fp32_groups_flat"),
+                                                     _require(wrapper, "fp16_groups"))]
+    raise ValueError(f"flat_partitions: not a stage-1/2, bf16 or fp16 wrapper: {type(wrapper).__name__}")
+
+
+def zero3_partitions(wrapper: Any) -> Tuple[List[Tuple[Any, List[Tuple[int, int]]]], Any]:
+    """ZeRO 3: (per sub-group ``(flat fp32 partition, [(partition_numel, ds_numel) per param])``, process group)."""
+    if getattr(wrapper, "offload_optimizer", False):
+        raise NotImplementedError("ds_conadv LAMB/LARS under ZeRO stage 3 with optimizer offload is not supported "
+                                  "(its sub-groups step on a backup optimizer); use it without offload_optimizer")
+    groups = []
+    for sub_group, flat in zip(_require(wrapper, "fp16_groups"), _require(wrapper, "fp32_partitioned_groups_flat")):
+        groups.append((flat, [(int(p.partition_numel()), int(p.ds_numel)) for p in sub_group]))
+    return groups, _require(wrapper, "dp_process_group")
+
+
+def hp_fragment(lp_param: Any) -> Optional[Tuple[int, int]]:
+    """``(start, numel)`` of a low-precision param's fragment in this rank's flat fp32 partition (DeepSpeed's
+    ``_hp_mapping``), or None when this rank holds none of it."""
+    mapping = getattr(lp_param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    address = mapping.get_hp_fragment_address()
+    return int(address.start), int(address.numel)
+
+
+def find_wrapper(optimizer: Any) -> Optional[Any]:
+    """The DeepSpeed wrapper that holds ``optimizer`` as its ``.optimizer`` (for an optimizer passed to plain
+    ``deepspeed.initialize``, whose engine we are not given), found through the garbage collector's referrers."""
+    candidates: List[Any] = []
+    for ref in gc.get_referrers(optimizer):
+        # the wrapper holds the optimizer in ``self.optimizer``: the referrer is the wrapper or its __dict__
+        candidates += [ref] + (gc.get_referrers(ref) if isinstance(ref, dict) else [])
+    for obj in candidates:
+        if wrapper_kind(obj) is not None and getattr(obj, "optimizer", None) is optimizer:
+            return obj
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the engine's backward epilogue (ConAdv overlap)
+# ----------------------------------------------------------------------------------------------------------
+EPILOGUE = "_backward_epilogue"
+
+
+def has_backward_epilogue(engine: Any) -> bool:
+    return callable(getattr(engine, EPILOGUE, None))
+
+
+def hook_backward_epilogue(engine: Any, before: Callable[[], None],
+                           after: Optional[Callable[[float], None]] = None) -> bool:
+    """Wrap ``engine._backward_epilogue`` (per instance): ``before()`` runs when the backward compute is over and
+    DeepSpeed's gradient reduction starts, ``after(seconds)`` with the epilogue's wall time. Idempotent.
+
+    Returns False, with a :class:`DeepSpeedCompatWarning` that says what is lost, when this DeepSpeed has no such
+    method: the caller must then treat the end of ``engine.backward`` as the start of the reduction."""
+    import time
+
+    original = getattr(engine, EPILOGUE, None)
+    if original is None or not callable(original):
+        version = _installed_version()
+        warnings.warn(f"DeepSpeed {version} has no DeepSpeedEngine.{EPILOGUE} (ds_conadv supports {SUPPORTED}): the "
+                      "ConAdv generation pass cannot start when the gradient reduction starts and waits for the whole "
+                      "engine.backward instead (correct results, less overlap)", DeepSpeedCompatWarning, stacklevel=2)
+        return False
+    if getattr(original, "_ds_conadv_signal", False):
+        return True
+
+    def epilogue(*args: Any, **kwargs: Any) -> Any:
+        before()
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if after is not None:
+                after(time.perf_counter() - t)
+
+    epilogue._ds_conadv_signal = True  # type: ignore[attr-defined]
+    setattr(engine, EPILOGUE, epilogue)
+    return True
+
+
+def _installed_version() -> str:
+    try:
+        import deepspeed
+
+        return str(deepspeed.__version__)
+    except Exception:  # pragma: no cover - DeepSpeed is imported by then
+        return "?"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# schedulers
+# ----------------------------------------------------------------------------------------------------------
+def check_scheduler_hook(base: type) -> None:
+    """``WarmupPolyDecayLR`` overrides DeepSpeed's private ``WarmupDecayLR._get_gamma``: raise if it is gone
+    (the power would silently not apply)."""
+    if not callable(getattr(base, "_get_gamma", None)):
+        raise ImportError(f"DeepSpeed {_installed_version()}'s {base.__name__} has no _get_gamma (ds_conadv supports "
+                          f"DeepSpeed {SUPPORTED}): WarmupPolyDecayLR cannot apply its power")

@@ -1,0 +1,146 @@
+"""Exact LAMB/LARS trust ratios under DeepSpeed's flattening optimizer wrappers (ZeRO 1/2/3, fp16, bf16).
+
+ZeRO 1/2 (and DeepSpeed's fp16/bf16 wrappers) flatten each param group into one fp32 buffer and hand the optimizer
+only this rank's slice, cut at arbitrary element offsets. A per-tensor optimizer then takes its norms over that
+slice. :func:`attach` gives our optimizer a :class:`~ds_conadv.optim.SegmentLayout` per group: each original
+parameter's fragment in the slice is a segment whose norm id is the parameter's index in the group; the per-id
+partial sums of squares are all-reduced over the data-parallel group once per group and step (one small
+collective), then the trust ratios are those of the whole tensors. A LAMB/LARS built by the user and passed to
+plain ``deepspeed.initialize`` attaches itself at its first step (:func:`auto_attach`, registered with the
+optimizer core through :func:`ds_conadv._registry.register_wrapper_resolver`).
+
+Every read of a DeepSpeed private attribute goes through :mod:`.compat`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+
+from ds_conadv.optim import SegmentLayout, TrustRatioOptimizer
+
+from . import compat
+
+__all__ = ["attach", "auto_attach", "find_trust_optimizer", "resolve_wrapper"]
+
+Fragment = Tuple[int, int, int]
+
+
+def find_trust_optimizer(obj: Any) -> Optional[TrustRatioOptimizer]:
+    """Our LAMB/LARS inside ``obj`` (itself, or down a chain of ``.optimizer`` wrappers), or None."""
+    seen = set()
+    while obj is not None and id(obj) not in seen:
+        if isinstance(obj, TrustRatioOptimizer):
+            return obj
+        seen.add(id(obj))
+        obj = getattr(obj, "optimizer", None)
+    return None
+
+
+_find_trust_optimizer = find_trust_optimizer  # the old private name (test workers)
+
+
+def _all_reduce_hook(process_group: Any) -> Callable[[torch.Tensor], None]:
+    from deepspeed import comm as dist
+
+    def hook(sums: torch.Tensor) -> None:
+        dist.all_reduce(sums, group=process_group)
+
+    return hook
+
+
+def _hp_fragments(lp_params: List[torch.Tensor]) -> List[Fragment]:
+    frags = []
+    for index, lp in enumerate(lp_params):
+        address = compat.hp_fragment(lp)
+        if address is not None:
+            frags.append((address[0], address[1], index))
+    return frags
+
+
+def _contiguous_fragments(lp_params: List[torch.Tensor]) -> List[Fragment]:
+    frags, offset = [], 0
+    for index, lp in enumerate(lp_params):
+        frags.append((offset, lp.numel(), index))
+        offset += lp.numel()
+    return frags
+
+
+def _set_layout(trust: TrustRatioOptimizer, flat: torch.Tensor, fragments: List[Fragment], num_ids: int,
+                hook: Optional[Callable[[torch.Tensor], None]]) -> None:
+    # keyed by the flat tensor: DeepSpeed steps one group at a time with ``param_groups`` swapped
+    trust.set_segment_layout(flat, SegmentLayout([fragments], num_ids, hook))
+
+
+def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
+    """Give our optimizer inside a DeepSpeed engine its segment layouts (exact trust ratios). Idempotent.
+
+    Returns the LAMB/LARS found, or ``None`` if the engine runs another optimizer.
+    """
+    is_engine = hasattr(engine_or_optimizer, "module") and hasattr(engine_or_optimizer, "optimizer")
+    wrapper = engine_or_optimizer.optimizer if is_engine else engine_or_optimizer
+    trust = find_trust_optimizer(wrapper)
+    if trust is None:
+        return None
+    kind = None if wrapper is trust else compat.wrapper_kind(wrapper)
+    if wrapper is trust or kind == "fp16_unfused":
+        # stage 0: fp32 runs hand our optimizer the real tensors, fp16/bf16 per-tensor fp32 copies
+        trust.mark_attached()
+        return trust
+    if kind in ("zero12", "bf16"):
+        for flat, lp_params, group in compat.flat_partitions(wrapper):
+            _set_layout(trust, flat, _hp_fragments(lp_params), len(lp_params), _all_reduce_hook(group))
+    elif kind == "fp16":  # fp16/bf16 without ZeRO: one flat fp32 copy per group, not partitioned
+        for flat, lp_params, _ in compat.flat_partitions(wrapper):
+            _set_layout(trust, flat, _contiguous_fragments(lp_params), len(lp_params), None)
+    elif kind == "zero3":
+        from deepspeed import comm as dist
+
+        sub_groups, process_group = compat.zero3_partitions(wrapper)
+        hook = _all_reduce_hook(process_group)
+        rank = dist.get_rank(group=process_group)
+        for flat, sizes in sub_groups:
+            # every param is split evenly over the ranks; this rank's piece sits at a running offset in the
+            # sub-group's flat buffer, followed by padding on the last rank
+            fragments, offset = [], 0
+            for index, (part, numel) in enumerate(sizes):
+                valid = max(0, min(part, numel - rank * part))
+                if valid:
+                    fragments.append((offset, valid, index))
+                offset += part
+            _set_layout(trust, flat, fragments, len(sizes), hook)
+    else:
+        raise NotImplementedError(f"ds_conadv cannot make trust ratios exact under DeepSpeed's "
+                                  f"{type(wrapper).__name__}; supported: no wrapper (fp32), FP16_Optimizer, "
+                                  "BF16_Optimizer, ZeRO stage 1, 2 and 3")
+    trust.mark_attached()
+    return trust
+
+
+def auto_attach(trust: TrustRatioOptimizer) -> Optional[str]:
+    """Called by our optimizer's first step when a wrapper has replaced its params by flat buffers (a
+    LAMB/LARS passed as ``optimizer=`` to plain ``deepspeed.initialize``): find the engine's wrapper and attach.
+    Returns the wrapper's class name, or None."""
+    wrapper = compat.find_wrapper(trust)
+    if wrapper is None:
+        return None
+    attach(wrapper)
+    return type(wrapper).__name__
+
+
+def resolve_wrapper(trust: TrustRatioOptimizer) -> Optional[str]:
+    """The wrapper resolver registered with the optimizer core (see :mod:`ds_conadv._registry`): None when no
+    DeepSpeed wrapper holds ``trust``; ``"init_only"`` for the state-initialisation call of DeepSpeed's unfused
+    fp16/bf16 wrapper (a step with all-zero gradients made inside its constructor: under a trust ratio it would
+    shrink every tensor by ``lr``, so that call only creates the state); else ``"step"``."""
+    name = auto_attach(trust)
+    if name is None:
+        return None
+    if WRAPPER_KINDS.get(name) == "fp16_unfused":
+        grads = [p.grad for g in trust.param_groups for p in g["params"] if p.grad is not None]
+        if grads and all(not g.any() for g in grads):
+            return "init_only"
+    return "step"
+
+
+WRAPPER_KINDS = compat.WRAPPERS

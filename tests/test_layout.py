@@ -1,0 +1,139 @@
+"""The package's import graph (every import statement in ds_conadv/**, module level or inside a function, read
+from the source with ``ast``): no cycle between modules, no library module importing the application layer
+(``ds_conadv.app``) or the CLI, and the optimizer core importing no integration."""
+from __future__ import annotations
+
+import ast
+import os
+from typing import Dict, List, Set
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_conadv")
+PKG = "ds_conadv"
+#: the application layer and the modules that only forward old import paths to it
+APP = ("ds_conadv.app", "ds_conadv.cli", "ds_conadv.train", "ds_conadv.absa_train")
+#: old import paths that only re-export (they may import anything they forward)
+SHIMS = ("ds_conadv.train", "ds_conadv.absa_train", "ds_conadv.horovod", "ds_conadv.config",
+         "ds_conadv.lr_schedules", "ds_conadv.absa", "ds_conadv.absa_driver",
+         "ds_conadv.integrations.deepspeed_engine", "ds_conadv.integrations.horovod_train")
+
+
+def _module_name(path: str) -> str:
+    rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, ".")
+    return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def _modules() -> Dict[str, str]:
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        dirnames[:] = [d for d in dirnames if not d.startswith((".", "__pycache__"))]
+        for f in filenames:
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                found[_module_name(path)] = path
+    return found
+
+
+def _resolve(name: str, modules: Dict[str, str]) -> str:
+    """The longest prefix of ``name`` that is a module of the package (``a.b.C`` -> ``a.b``)."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name
+
+
+def import_graph() -> Dict[str, Set[str]]:
+    modules = _modules()
+    graph: Dict[str, Set[str]] = {m: set() for m in modules}
+    for mod, path in modules.items():
+        is_pkg = path.endswith("__init__.py")
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            targets: List[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = mod if is_pkg else mod.rpartition(".")[0]
+                    for _ in range(node.level - 1):
+                        base = base.rpartition(".")[0]
+                    prefix = f"{base}.{node.module}" if node.module else base
+                else:
+                    prefix = node.module or ""
+                targets = [f"{prefix}.{a.name}" for a in node.names]
+            for t in targets:
+                if t == PKG or t.startswith(PKG + "."):
+                    dep = _resolve(t, modules)
+                    if dep and dep != mod:
+                        graph[mod].add(dep)
+    return graph
+
+
+def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on: Set[str] = set()
+    out: List[List[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _is(mod: str, prefixes) -> bool:
+    return any(mod == p or mod.startswith(p + ".") for p in prefixes)
+
+
+def test_no_import_cycles():
+    assert _cycles(import_graph()) == []
+
+
+def test_library_never_imports_the_application():
+    bad = sorted(f"{m} -> {d}" for m, deps in import_graph().items() for d in deps
+                 if not _is(m, APP) and not _is(m, SHIMS) and m != PKG and _is(d, APP))
+    assert bad == []
+
+
+def test_optimizer_core_imports_no_integration():
+    bad = sorted(f"{m} -> {d}" for m, deps in import_graph().items() if _is(m, ("ds_conadv.optim",))
+                 for d in deps if not _is(d, ("ds_conadv.optim", "ds_conadv.kernels", "ds_conadv._registry")))
+    assert bad == []
+
+
+def test_the_graph_sees_function_level_imports():
+    # the check must not be fooled by a lazy import inside a function
+    graph = import_graph()
+    assert "ds_conadv.integrations.deepspeed.initialize" in graph
+    assert any(_is(d, ("ds_conadv.integrations.deepspeed",)) for d in graph[PKG])
+
+
+@pytest.mark.parametrize("cycle", [{"a": {"b"}, "b": {"a"}}, {"a": {"b"}, "b": {"c"}, "c": {"a"}}])
+def test_cycle_detection(cycle):
+    assert _cycles({k: set(v) for k, v in cycle.items()})
