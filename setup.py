@@ -56,7 +56,12 @@ _readme = os.path.join(HERE, "README.md")
 _long_description = open(_readme, encoding="utf-8").read() if os.path.exists(_readme) else ""
 
 TRITON = "triton==3.7.1"
-DEEPSPEED = "deepspeed==0.19.8"  # its torch requirement is met by the torch installed first
+# The DeepSpeed releases the integration supports (ds_conadv/integrations/deepspeed/compat.py SUPPORTED; checked at
+# import, tested in CI with the oldest, scripts/test_deepspeed_oldest.sh, and the pinned newest).
+DEEPSPEED_RANGE = "deepspeed>=0.16.9,<0.20"
+DEEPSPEED = "deepspeed==0.19.8"  # the test pin (newest supported); its torch requirement is met by the torch installed first
+# ds_conadv/integrations/horovod/compat.py SUPPORTED
+HOROVOD_RANGE = "horovod>=0.28.1,<0.29"
 KERNEL_SOURCES = ["*.cu", "*.cuh", "*.cpp", "*.h"]
 
 
@@ -102,8 +107,10 @@ setup(
     ],
     extras_require={
         "triton": [TRITON],
-        "deepspeed": [DEEPSPEED],
+        "deepspeed": [DEEPSPEED_RANGE],
         "test": ["pytest", "pytest-timeout", "scikit-learn", "matplotlib", TRITON, DEEPSPEED],
+        # ruff (lint + format) and mypy on the library: scripts/lint.sh (run by scripts/test.sh)
+        "lint": ["ruff==0.17.5", "mypy==2.4.1"],
         # timm requires torchvision, which is broken beside torch 2.13 here:
         # install it with `pip install --no-deps timm` (benchmarks load its
         # optim files directly, without importing the timm package).
@@ -112,7 +119,7 @@ setup(
         # isolation hides torch; the sdist forces C++14, torch 2.13 needs C++17). Use
         # `bash scripts/install_horovod.sh` (C++17 compiler wrapper, --no-build-isolation, gloo, cached wheel),
         # or give pip the same flags it uses; see docs/horovod.md.
-        "horovod": ["horovod==0.28.1"],
+        "horovod": [HOROVOD_RANGE],
     },
     entry_points={"console_scripts": ["ds-conadv = ds_conadv.cli:console_main"]},
     ext_modules=_ext_modules,

@@ -65,7 +65,7 @@ def _strip_option(argv: List[str], name: str) -> List[str]:
 
 def resolve_train_args(args: argparse.Namespace):
     """(resolved config, config name, notes) for the ``train`` arguments; raises ConfigError."""
-    from ds_conadv import train
+    from ds_conadv.app import job_config as train
 
     if args.config:
         raw = train.load_config_file(args.config)
@@ -116,7 +116,9 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
     if args.print_config:
         print(json.dumps(resolved.raw, indent=2))
         return 0
-    from ds_conadv.train import check_runnable, default_out_dir, run
+    from ds_conadv.app.common import default_out_dir
+    from ds_conadv.app.job_config import check_runnable
+    from ds_conadv.app.train import run
 
     try:
         check_runnable(resolved)
@@ -125,7 +127,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
     if args.backend == "horovod":  # every rank runs this under horovodrun
         if args.nproc is not None:
             parser.error("--backend horovod: start the ranks with horovodrun --gloo -np N -H localhost:N, not --nproc")
-        from ds_conadv.integrations.horovod_train import train_horovod
+        from ds_conadv.app.horovod_train import train_horovod
 
         try:
             train_horovod(resolved.raw, progress=not args.no_progress)
@@ -224,8 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     if argv[:1] == ["bench"]:  # forward everything after "bench" untouched
         return _cmd_bench(argparse.Namespace(bench_args=argv[1:]), parser)
-    if argv[:1] == ["hessian"]:  # its own parser: ds_conadv.hessian.hessian_main
-        from ds_conadv.hessian import hessian_main
+    if argv[:1] == ["hessian"]:  # its own parser: ds_conadv.app.hessian_cli.hessian_main
+        from ds_conadv.app.hessian_cli import hessian_main
 
         return hessian_main(argv[1:])
     args = parser.parse_args(argv)

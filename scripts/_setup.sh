@@ -3,7 +3,7 @@
 #  1. create .venv/ if missing (python3 -m venv, or $PYTHON -m venv);
 #  2. pip install torch==2.13.0 FIRST, in its own step (skipped when already installed): an unpinned
 #     torch requirement resolved before it would pull the multi-GB CUDA wheels;
-#  3. pip install -e ".[test]" (triton pinned 3.7.1) and timm without its deps (timm requires
+#  3. pip install -e ".[test,lint]" (triton pinned 3.7.1; ruff and mypy for scripts/lint.sh) and timm without its deps (timm requires
 #     torchvision, which is broken beside this torch; benchmarks load timm's optim files directly).
 #
 # Steps 2-3 are skipped when the stamp in .venv/ matches a hash of setup.py and this file, so re-runs
@@ -52,8 +52,8 @@ else
         _log "torch $have already installed"
     fi
     # 3. the package (editable) with the test extra, then timm without deps.
-    _log "installing ds_conadv (editable) with [test] extras"
-    "${PIP[@]}" "${INSTALL[@]}" -e "$ROOT[test]"
+    _log "installing ds_conadv (editable) with [test,lint] extras"
+    "${PIP[@]}" "${INSTALL[@]}" -e "$ROOT[test,lint]"
     "${PIP[@]}" "${INSTALL[@]}" --no-deps "timm==$TIMM_VERSION" || _log "timm not installed (optional: benchmarks only)"
     have="$("$VPY" -c "import torch; print(torch.__version__.split('+')[0])")"
     if [ "$have" != "$TORCH_VERSION" ]; then

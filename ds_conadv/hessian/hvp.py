@@ -52,7 +52,7 @@ def unwrap_model(model: Any) -> Tuple[nn.Module, Optional[Any]]:
     Under ZeRO 1/2 every rank holds the full parameters, so plain autograd on ``engine.module`` gives the
     Hessian. ZeRO 3 partitions the parameters and is refused.
     """
-    inner = getattr(model, "__dict__", {}).get("ds")  # DeepSpeedConAdvEngine: the DeepSpeed engine it wraps
+    inner = getattr(model, "__dict__", {}).get("ds")  # ConAdv/ABSA engines (EngineWrapper.wrapped_engine)
     if not isinstance(model, nn.Module) and _is_deepspeed_engine(inner):
         model = inner
     if _is_deepspeed_engine(model):

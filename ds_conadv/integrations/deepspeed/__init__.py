@@ -9,7 +9,8 @@ engines.
 Importing this package does not import DeepSpeed.
 """
 from .initialize import initialize, load_config, validate_config
-from .zero_layout import _find_trust_optimizer, attach, auto_attach, find_trust_optimizer
+from .zero_layout import _find_trust_optimizer as _find_trust_optimizer  # the old private name (test workers)
+from .zero_layout import attach, auto_attach, find_trust_optimizer
 
 __all__ = ["initialize", "attach", "auto_attach", "load_config", "validate_config", "find_trust_optimizer",
            "DeepSpeedConAdvEngine"]

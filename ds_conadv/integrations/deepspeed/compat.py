@@ -29,7 +29,7 @@ __all__ = ["SUPPORTED", "MIN_VERSION", "MAX_VERSION", "DeepSpeedCompatWarning", 
            "hook_backward_epilogue", "has_backward_epilogue", "check_scheduler_hook"]
 
 #: the DeepSpeed releases this module is written and tested against (``setup.py`` declares the same range)
-MIN_VERSION = "0.17.0"
+MIN_VERSION = "0.16.9"
 MAX_VERSION = "0.20"  # exclusive
 SUPPORTED = f">={MIN_VERSION},<{MAX_VERSION}"
 

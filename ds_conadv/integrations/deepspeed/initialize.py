@@ -116,6 +116,25 @@ def _check_absa(section, cfg: Dict[str, Any], conadv: ConAdvConfig):
     return absa
 
 
+def build_config_optimizer(cfg: Dict[str, Any], model: Any = None, model_parameters: Any = None,
+                           optimizer: Any = None) -> Optional[tuple]:
+    """The DeepSpeed path's use of the one builder: for our ``"optimizer"`` type, ``(optimizer, model_parameters)``
+    with the section removed from ``cfg`` and the clipping moved to DeepSpeed's ``"gradient_clipping"`` (DeepSpeed
+    clips: one global norm over all partitions); None for DeepSpeed's own types (they pass through)."""
+    section = cfg.get("optimizer")
+    spec = optimizer_spec(section)
+    if spec is None:
+        return None
+    if optimizer is not None:
+        raise ConfigError(f'both an optimizer= object and "optimizer": {{"type": "{section["type"]}"}} given; '
+                          f"DeepSpeed would silently drop the config one: give one of them")
+    _reconcile_clipping(cfg, spec.max_grad_norm)
+    model_parameters = optimizer_params(spec, model, model_parameters)
+    optimizer = build_from_spec(spec, model_parameters, max_grad_norm=None)
+    del cfg["optimizer"]
+    return optimizer, model_parameters
+
+
 def validate_config(config) -> Dict[str, Any]:
     """Check a config (dict or path) the way :func:`initialize` does, without a model or ranks: our sections
     (``"conadv"``, a LAMB/LARS ``"optimizer"``, our scheduler types), the clipping rule, then DeepSpeed's own
@@ -186,16 +205,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                               'and set "dual_bn": false')
         model = prepare_model(model, conadv)
 
-    section = cfg.get("optimizer")
-    spec = optimizer_spec(section)
-    if spec is not None:  # ours (DeepSpeed's own types pass through to DeepSpeed)
-        if optimizer is not None:
-            raise ConfigError(f'both an optimizer= object and "optimizer": {{"type": "{section["type"]}"}} given; '
-                              f"DeepSpeed would silently drop the config one: give one of them")
-        _reconcile_clipping(cfg, spec.max_grad_norm)  # DeepSpeed clips (one global norm over all partitions)
-        model_parameters = optimizer_params(spec, model, model_parameters)
-        optimizer = build_from_spec(spec, model_parameters, max_grad_norm=None)
-        del cfg["optimizer"]
+    built = build_config_optimizer(cfg, model, model_parameters, optimizer)
+    if built is not None:
+        optimizer, model_parameters = built
     sched_section = cfg.get("scheduler")
     if isinstance(sched_section, dict):  # every type through the one factory, as under Horovod
         if lr_scheduler is not None:

@@ -12,7 +12,8 @@ docs/horovod.md.
 """
 from .compat import repoint_scheduler
 from .elastic import ElasticConAdvState
-from .optimizer import (INSTALL_HINT, _is_distributed_optimizer, available, broadcast_state, check_settings_survived,
+from .optimizer import _is_distributed_optimizer as _is_distributed_optimizer  # the old private name
+from .optimizer import (INSTALL_HINT, available, broadcast_state, check_settings_survived,
                         distributed_optimizer, group_settings, is_distributed_optimizer, require_horovod)
 from .trainers import HorovodABSATrainer, HorovodConAdvTrainer
 

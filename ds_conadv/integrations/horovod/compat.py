@@ -20,7 +20,7 @@ import torch
 __all__ = ["SUPPORTED", "MIN_VERSION", "MAX_VERSION", "HorovodCompatWarning", "check_version", "repoint_scheduler",
            "elastic_object_state"]
 
-MIN_VERSION = "0.28.0"
+MIN_VERSION = "0.28.1"
 MAX_VERSION = "0.29"  # exclusive
 SUPPORTED = f">={MIN_VERSION},<{MAX_VERSION}"
 

@@ -1,0 +1,149 @@
+"""``ds-conadv train`` with ``"absa": {"enabled": true}``: the ABSA loop (adaptive batch size with adversarial
+training, Yao et al. arXiv 1810.01021) on the bundled digits data, through the engine ``ds_conadv.initialize``
+returns for such a config (:class:`~ds_conadv.absa_driver.DeepSpeedABSAEngine`).
+
+Per epoch: ``engine.steps_per_epoch(n)`` optimizer steps at the current global batch (the batch grows through
+gradient accumulation, so an epoch has fewer, larger steps as it grows), then ``engine.end_epoch()`` — the top
+Hessian eigenvalue when due, and the schedule's decision — and a test-set evaluation every ``train.eval_every``
+epochs. Rank 0 writes ``absa_log.csv`` / ``absa_log.json`` (one row per epoch), ``absa.png`` (eigenvalue, batch,
+LR, adversarial ratio and accuracy per epoch) and ``metrics.json`` (the summary) into the output folder.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+__all__ = ["run_absa"]
+
+
+def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: int,
+             threads: int) -> Optional[Dict[str, Any]]:
+    """Run the ABSA job on this rank (inside :func:`ds_conadv.app.train.run`'s distributed set-up). Returns the summary on
+    rank 0, None elsewhere."""
+    import logging
+
+    import torch.distributed as tdist
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    import deepspeed
+
+    from ds_conadv.absa.driver import attack_config
+    from ds_conadv.absa.policy import ABSAConfig
+    from ds_conadv.integrations.deepspeed import initialize
+
+    from .common import DigitsCNN, attack_description, default_out_dir, evaluate, prepare_data, rank_batches
+
+    tc = resolved.train
+    ds_cfg = resolved.deepspeed
+    x_tr, y_tr, x_te, y_te, normalize, conadv = prepare_data(resolved, ds_cfg)
+    n = x_tr.shape[0]
+    micro = ds_cfg.get("train_micro_batch_size_per_gpu")
+    if micro is None:
+        micro = ds_cfg["train_batch_size"] // (world * (ds_cfg.get("gradient_accumulation_steps") or 1))
+    ds_cfg.setdefault("steps_per_print", 10 ** 9)
+    out_dir = tc.out_dir or default_out_dir(config_name)
+    os.makedirs(out_dir, exist_ok=True)
+
+    torch.manual_seed(tc.seed)
+    smoothing = tc.label_smoothing
+
+    def loss_fn(output, y):
+        return F.cross_entropy(output, y, label_smoothing=smoothing)
+
+    ds_logger = deepspeed.utils.logger
+    level = ds_logger.level
+    ds_logger.setLevel(logging.ERROR)
+    try:
+        engine, _, _, _ = initialize(model=DigitsCNN(tc.width, 10), config=ds_cfg, loss_fn=loss_fn,
+                                               conadv_seed=tc.seed, absa_options={"log_dir": out_dir})
+    finally:
+        ds_logger.setLevel(level)
+    device = engine.device
+    # the attack of the test-set evaluation: ABSA's own (its epsilon), else the conadv section's
+    eval_attack = attack_config(ABSAConfig.from_section(ds_cfg["absa"]), conadv) or conadv
+    micro_per_epoch = (n // world) // micro
+    stream = ((x_tr[idx].to(device), y_tr[idx].to(device))
+              for _, idx in rank_batches(n, micro, micro_per_epoch, rank, world, tc.seed))
+
+    if rank == 0:
+        print(f"ds-conadv train: ABSA with {resolved.optimizer_type}, ZeRO "
+              f"{ds_cfg.get('zero_optimization', {}).get('stage', 0)}, {world} rank(s) x {threads} thread(s), "
+              f"global batch {engine.global_batch} ({micro} x {engine.grad_accum_steps} x {world}) growing to at "
+              f"most {engine.cfg.max_batch}, {tc.epochs} epochs; outputs in {out_dir}", file=out, flush=True)
+    bar = tqdm(total=tc.epochs, desc=f"absa {resolved.optimizer_type} x{world}", unit="epoch",
+               disable=not (progress and rank == 0), file=sys.stderr, dynamic_ncols=True)
+    evals: List[Dict[str, Any]] = []
+    step_times: List[float] = []
+    t_start = time.perf_counter()
+    steps = 0
+    try:
+        for epoch in range(tc.epochs):
+            for _ in range(engine.steps_per_epoch(n)):
+                if tc.max_steps and steps >= tc.max_steps:
+                    break
+                t0 = time.perf_counter()
+                m = engine.train_batch(stream)
+                step_times.append(time.perf_counter() - t0)
+                steps += 1
+                if not math.isfinite(m["loss"]):
+                    raise FloatingPointError(f"training diverged at step {steps} (loss {m['loss']}): lower the lr")
+            row = engine.end_epoch()
+            last = epoch == tc.epochs - 1 or bool(tc.max_steps and steps >= tc.max_steps)
+            if last or (epoch + 1) % tc.eval_every == 0:
+                clean, adv = evaluate(engine.module, x_te, y_te, normalize, eval_attack, rank, world, tc.seed,
+                                      device)
+                evals.append({"epoch": epoch, "step": steps, "test_clean_acc": clean, "test_adv_acc": adv})
+            bar.set_postfix({"batch": row["global_batch"], "eig": f"{row['eigenvalue'] or float('nan'):.3g}",
+                             "loss": f"{m['loss']:.3f}"}, refresh=False)
+            bar.update(1)
+            if last:
+                break
+    finally:
+        bar.close()
+    wall = time.perf_counter() - t_start
+
+    checksum = sum(float(p.detach().double().sum()) for p in engine.module.parameters())
+    ranks = [None] * world
+    mine = {"rank": rank, "steps": steps, "param_checksum": checksum}
+    if world > 1:
+        tdist.all_gather_object(ranks, mine)
+    else:
+        ranks = [mine]
+    if rank != 0:
+        return None
+    plot = os.path.join(out_dir, "absa.png")
+    engine.plot(plot, title=f"ds-conadv train: ABSA, {resolved.optimizer_type}, micro batch {micro}, {world} "
+                            f"rank(s), {config_name}")
+    final = evals[-1]
+    timed = step_times[1:] or step_times
+    summary = {
+        "mode": "absa", "final_test_clean_acc": final["test_clean_acc"], "final_test_adv_acc": final["test_adv_acc"],
+        "adversarial_eval": attack_description(eval_attack), "optimizer": resolved.optimizer_type,
+        "steps": steps, "epochs": len(engine.log), "world_size": world, "threads_per_rank": threads,
+        "micro_batch": micro, "final_global_batch": engine.global_batch,
+        "global_batches": [r["global_batch"] for r in engine.log], "log": engine.log,
+        "mean_step_time_s": statistics.fmean(timed) if timed else float("nan"), "wall_time_s": wall,
+        "ranks": ranks, "ranks_agree": len({r["param_checksum"] for r in ranks}) == 1, "evals": evals,
+        "paths": {"out_dir": out_dir, "absa_log_csv": os.path.join(out_dir, "absa_log.csv"),
+                  "absa_log_json": os.path.join(out_dir, "absa_log.json"), "plot": plot,
+                  "metrics_json": os.path.join(out_dir, "metrics.json")},
+        "config_name": config_name, "config": resolved.raw, "device": str(device),
+    }
+    with open(summary["paths"]["metrics_json"], "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, default=str)
+    print(f"finished {steps} steps in {wall:.1f} s over {len(engine.log)} epochs, global batch "
+          f"{summary['global_batches'][0]} -> {engine.global_batch} ({world} rank(s)"
+          f"{'' if summary['ranks_agree'] else ', RANKS DISAGREE'})", file=out)
+    print(f"clean test accuracy:       {final['test_clean_acc']:.4f}", file=out)
+    print(f"adversarial test accuracy: {final['test_adv_acc']:.4f}  ({summary['adversarial_eval']})", file=out)
+    print(f"log:     {summary['paths']['absa_log_csv']}  {summary['paths']['metrics_json']}", file=out)
+    print(f"plot:    {plot}", file=out, flush=True)
+    return summary
