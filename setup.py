@@ -59,7 +59,8 @@ TRITON = "triton==3.7.1"
 # The DeepSpeed releases the integration supports (ds_conadv/integrations/deepspeed/compat.py SUPPORTED; checked at
 # import, tested in CI with the oldest, scripts/test_deepspeed_oldest.sh, and the pinned newest).
 DEEPSPEED_RANGE = "deepspeed>=0.16.9,<0.20"
-DEEPSPEED = "deepspeed==0.19.8"  # the test pin (newest supported); its torch requirement is met by the torch installed first
+# the test pin (the newest supported); its torch requirement is met by the torch installed first
+DEEPSPEED = "deepspeed==0.19.8"
 # ds_conadv/integrations/horovod/compat.py SUPPORTED
 HOROVOD_RANGE = "horovod>=0.28.1,<0.29"
 KERNEL_SOURCES = ["*.cu", "*.cuh", "*.cpp", "*.h"]

@@ -1,7 +1,7 @@
 """How much of ConAdv's generation pass Horovod's asynchronous allreduce hides (2 ranks, horovodrun --gloo).
 
-The Horovod counterpart of ``benchmarks/conadv_overlap.py`` (same model, data, modes, rounds and statistics —
-its ``summarize``/``markdown``/``update_markdown`` are imported, not copied):
+The Horovod counterpart of ``benchmarks/conadv_overlap.py`` (same model, data, modes, rounds and statistics,
+from ``benchmarks/_common.py``):
 
 * ``vanilla`` — clean loss only; ``disadv`` — tau = 0 (generate, then train); ``conadv`` — tau = 1, x̂_{t+1}
   generated between ``loss.backward()`` (Horovod's hooks launch the allreduces) and ``optimizer.synchronize()``;
@@ -17,7 +17,6 @@ then runs ``conadv_overlap.py`` with the same sizes, so both backends are measur
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -29,15 +28,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def _overlap_module():
-    spec = importlib.util.spec_from_file_location("ds_conadv_bench_conadv_overlap", os.path.join(HERE, "conadv_overlap.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, HERE)  # benchmarks/_common.py
 
+import _common as base  # noqa: E402
 
-base = _overlap_module()
 MODES = base.MODES
 
 
@@ -142,7 +136,9 @@ def main(argv=None):
         ds_out = out[:-len(".json")] + f"-deepspeed-stage{args.stage}.json"
         print(f"# now the DeepSpeed backend, same sizes (benchmarks/conadv_overlap.py) -> {ds_out}")
         ds_argv = [a for i, a in enumerate(argv) if a != "--json" and (i == 0 or argv[i - 1] != "--json")]
-        return base.main(ds_argv + ["--json", ds_out])
+        import conadv_overlap
+
+        return conadv_overlap.main(ds_argv + ["--json", ds_out])
     return 0
 
 

@@ -8,6 +8,7 @@ call only creates the optimizer state). The DeepSpeed resolver is registered laz
 only when ``deepspeed`` has been imported), so a LAMB/LARS handed to plain ``deepspeed.initialize`` attaches itself
 without the user importing the integration.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, List, Optional

@@ -1,4 +1,5 @@
-"""benchmarks/optim_step.py at tiny scale (runs, writes its JSON and markdown section); the ConAdv overlap benchmarks."""
+"""benchmarks/optim_step.py at tiny scale (runs, writes its JSON and markdown section); the ConAdv overlap
+benchmarks."""
 import importlib.util
 import json
 import math

@@ -105,6 +105,7 @@ def test_torch_optimizers_only_where_the_path_runs_them():
 
 
 def test_clipping_spellings_must_agree():
-    assert resolve_clipping(1.0, None) == 1.0 and resolve_clipping(0.0, 2.0) == 2.0 and resolve_clipping(None, None) is None
+    assert resolve_clipping(1.0, None) == 1.0 and resolve_clipping(0.0, 2.0) == 2.0
+    assert resolve_clipping(None, None) is None
     with pytest.raises(ConfigError, match="disagree"):
         resolve_clipping(1.0, 2.0)

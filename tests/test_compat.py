@@ -1,5 +1,6 @@
 """The compat modules: the only readers/patchers of DeepSpeed's and Horovod's private internals. Outside the
 supported range they warn naming what may break; a missing hook warns or raises, never degrades silently."""
+
 from __future__ import annotations
 
 import os
@@ -79,8 +80,14 @@ def test_conadv_engine_says_when_the_epilogue_hook_is_missing(monkeypatch):
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3))
     fake = types.SimpleNamespace(
-        module=model, device=torch.device("cpu"), zero_optimization=lambda: False,
-        zero_optimization_stage=lambda: 0, parameters=model.parameters, train=model.train, eval=model.eval)
+        module=model,
+        device=torch.device("cpu"),
+        zero_optimization=lambda: False,
+        zero_optimization_stage=lambda: 0,
+        parameters=model.parameters,
+        train=model.train,
+        eval=model.eval,
+    )
     cfg = ConAdvConfig(enabled=True, epsilon=0.1, dual_bn=False)
     with pytest.warns(compat.DeepSpeedCompatWarning, match="_backward_epilogue"):
         engine = DeepSpeedConAdvEngine(fake, cfg)

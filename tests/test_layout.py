@@ -1,6 +1,7 @@
 """The package's import graph (every import statement in ds_conadv/**, module level or inside a function, read
 from the source with ``ast``): no cycle between modules, no library module importing the application layer
 (``ds_conadv.app``) or the CLI, and the optimizer core importing no integration."""
+
 from __future__ import annotations
 
 import ast
@@ -15,9 +16,17 @@ KERNELS = "ds_conadv.kernels"
 #: the application layer and the modules that only forward old import paths to it
 APP = ("ds_conadv.app", "ds_conadv.cli", "ds_conadv.train", "ds_conadv.absa_train")
 #: old import paths that only re-export (they may import anything they forward)
-SHIMS = ("ds_conadv.train", "ds_conadv.absa_train", "ds_conadv.horovod", "ds_conadv.config",
-         "ds_conadv.lr_schedules", "ds_conadv.absa", "ds_conadv.absa_driver",
-         "ds_conadv.integrations.deepspeed_engine", "ds_conadv.integrations.horovod_train")
+SHIMS = (
+    "ds_conadv.train",
+    "ds_conadv.absa_train",
+    "ds_conadv.horovod",
+    "ds_conadv.config",
+    "ds_conadv.lr_schedules",
+    "ds_conadv.absa",
+    "ds_conadv.absa_driver",
+    "ds_conadv.integrations.deepspeed_engine",
+    "ds_conadv.integrations.horovod_train",
+)
 
 
 def _module_name(path: str) -> str:
@@ -120,14 +129,23 @@ def test_no_import_cycles():
 
 
 def test_library_never_imports_the_application():
-    bad = sorted(f"{m} -> {d}" for m, deps in import_graph().items() for d in deps
-                 if not _is(m, APP) and not _is(m, SHIMS) and m != PKG and _is(d, APP))
+    bad = sorted(
+        f"{m} -> {d}"
+        for m, deps in import_graph().items()
+        for d in deps
+        if not _is(m, APP) and not _is(m, SHIMS) and m != PKG and _is(d, APP)
+    )
     assert bad == []
 
 
 def test_optimizer_core_imports_no_integration():
-    bad = sorted(f"{m} -> {d}" for m, deps in import_graph().items() if _is(m, ("ds_conadv.optim",))
-                 for d in deps if not _is(d, ("ds_conadv.optim", "ds_conadv.kernels", "ds_conadv._registry")))
+    bad = sorted(
+        f"{m} -> {d}"
+        for m, deps in import_graph().items()
+        if _is(m, ("ds_conadv.optim",))
+        for d in deps
+        if not _is(d, ("ds_conadv.optim", "ds_conadv.kernels", "ds_conadv._registry"))
+    )
     assert bad == []
 
 

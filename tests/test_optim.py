@@ -11,7 +11,8 @@ import torch
 from ds_conadv.optim import LAMB, LARC, LARS, FusedLAMB, SegmentLayout, param_groups
 from ds_conadv.optim.backends import get_kernels
 
-from optim_cases import (LAMB_KNOBS, LAMB_LR, LARS_KNOBS, LARS_LR, assert_close_list, problem, run_optimizer, textbook_lamb,
+from optim_cases import (LAMB_KNOBS, LAMB_LR, LARS_KNOBS, LARS_LR, assert_close_list, problem, run_optimizer,
+                         textbook_lamb,
                          textbook_lars)
 
 CPU_BACKENDS = ["reference", "foreach", "cpp"]

@@ -11,7 +11,8 @@ gradient accumulation steps at the same micro batch), the LR multiplier, the adv
 
 Three front ends share that logic:
 
-* :class:`~ds_conadv.integrations.deepspeed.engine.DeepSpeedABSAEngine` — what ``ds_conadv.initialize`` returns for ``"absa": {"enabled": true}``; a
+* :class:`~ds_conadv.integrations.deepspeed.engine.DeepSpeedABSAEngine` — what ``ds_conadv.initialize`` returns for
+  ``"absa": {"enabled": true}``; a
   drop-in for the DeepSpeed engine. The batch grows through ``engine.set_train_batch_size``.
 * :class:`~ds_conadv.integrations.horovod.trainers.HorovodABSATrainer` — under ``horovodrun``; the batch grows through
   ``optimizer.set_backward_passes_per_step`` (Horovod 0.28 changes it at run time; no optimizer rebuild).

@@ -25,8 +25,8 @@ __all__ = ["run_absa"]
 
 def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: int,
              threads: int) -> Optional[Dict[str, Any]]:
-    """Run the ABSA job on this rank (inside :func:`ds_conadv.app.train.run`'s distributed set-up). Returns the summary on
-    rank 0, None elsewhere."""
+    """Run the ABSA job on this rank (inside :func:`ds_conadv.app.train.run`'s distributed set-up). Returns the summary
+    on rank 0, None elsewhere."""
     import logging
 
     import torch.distributed as tdist

@@ -165,13 +165,6 @@ def _targets(output: Any, y: Any, cfg: ConAdvConfig, generator: Optional[torch.G
 # ----------------------------------------------------------------------------------------------------------
 # attacks on inputs
 # ----------------------------------------------------------------------------------------------------------
-def _input_grad(model: nn.Module, x_adv: torch.Tensor, labels: Any, loss_fn: LossFn) -> Tuple[torch.Tensor, Any]:
-    x_adv = x_adv.detach().requires_grad_(True)
-    output = call_model(model, x_adv)
-    (grad,) = torch.autograd.grad(_scalar(loss_fn(output, labels)), [x_adv])
-    return grad, output
-
-
 def _check_inputs(x: Any) -> None:
     if not torch.is_tensor(x) or not x.is_floating_point():
         raise TypeError('"conadv.perturb": "inputs" needs a floating-point input tensor; for token ids use '

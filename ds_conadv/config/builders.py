@@ -15,6 +15,7 @@ Gradient clipping is one knob with two spellings, ``"gradient_clipping"`` (DeepS
 ``"optimizer.params.max_grad_norm"``: :func:`resolve_clipping` gives the one value, the caller decides who clips
 (DeepSpeed, the optimizer's fused clipping, or the trainer for a torch optimizer).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -27,9 +28,17 @@ from torch import nn
 
 from .sections import ConfigError, optimizer_class, validate_optimizer_params
 
-__all__ = ["OptimizerSpec", "optimizer_spec", "optimizer_params", "build_optimizer", "build_from_spec",
-           "resolve_clipping",
-           "scheduler_factory", "build_scheduler", "AUTO"]
+__all__ = [
+    "OptimizerSpec",
+    "optimizer_spec",
+    "optimizer_params",
+    "build_optimizer",
+    "build_from_spec",
+    "resolve_clipping",
+    "scheduler_factory",
+    "build_scheduler",
+    "AUTO",
+]
 
 #: ``"scheduler.params.total_num_steps": "auto"``: the job's steps (epochs x steps per epoch)
 AUTO = "auto"
@@ -50,10 +59,14 @@ class OptimizerSpec:
     def weight_decay(self) -> float:
         """``params.weight_decay``, else the optimizer's default (what the decayed group gets)."""
         if "weight_decay" in self.kwargs:
-            return self.kwargs["weight_decay"]
+            value: float = self.kwargs["weight_decay"]  # as given (an int stays an int, as before)
+            return value
         param = inspect.signature(self.cls).parameters.get("weight_decay")
-        default = param.default if param is not None else inspect.Parameter.empty
-        return 0.0 if default is inspect.Parameter.empty or default is None else default
+        default: Any = param.default if param is not None else None
+        if default is None or default is inspect.Parameter.empty:
+            return 0.0
+        found: float = default
+        return found
 
 
 def _torch_optimizer_class(type_name: Any) -> Optional[type]:
@@ -84,22 +97,24 @@ def optimizer_spec(section: Any, *, allow_torch: bool = False) -> Optional[Optim
     if klass is None:
         raise ConfigError(f'"optimizer.type" = {section["type"]!r}: LAMB, LARS or a torch.optim optimizer')
     params = dict(section.get("params") or {})
-    grouping = bool(params.pop("exclude_norm_and_bias", False))
+    exclude = bool(params.pop("exclude_norm_and_bias", False))
     if "betas" in params and isinstance(params["betas"], list):
         params["betas"] = tuple(params["betas"])
-    return OptimizerSpec(klass, params, grouping, None, False)
+    return OptimizerSpec(klass, params, exclude, None, False)
 
 
-def optimizer_params(spec: OptimizerSpec, model: Optional[nn.Module] = None,
-                     model_parameters: Optional[Iterable[Any]] = None) -> List[Any]:
+def optimizer_params(
+    spec: OptimizerSpec, model: Optional[nn.Module] = None, model_parameters: Optional[Iterable[Any]] = None
+) -> List[Any]:
     """The params (or param groups) the optimizer is built on: from ``model`` (grouped when
     ``exclude_norm_and_bias``), or ``model_parameters`` as given."""
     from ds_conadv.optim import param_groups
 
     if model_parameters is not None:
         if spec.exclude_norm_and_bias:
-            raise ConfigError('"exclude_norm_and_bias" builds the groups from model=; it cannot be combined with '
-                              "model_parameters=")
+            raise ConfigError(
+                '"exclude_norm_and_bias" builds the groups from model=; it cannot be combined with model_parameters='
+            )
         return list(model_parameters)
     if model is None:
         raise ConfigError("building the optimizer from the config needs model= or model_parameters=")
@@ -114,15 +129,22 @@ def resolve_clipping(gradient_clipping: Any, max_grad_norm: Optional[float]) -> 
     clip = float(gradient_clipping) if gradient_clipping else None
     if max_grad_norm is not None:
         if clip is not None and clip != float(max_grad_norm):
-            raise ConfigError(f'"optimizer.params.max_grad_norm" = {max_grad_norm} and "gradient_clipping" = '
-                              f"{gradient_clipping} disagree; they are the same knob: give one, or equal values")
+            raise ConfigError(
+                f'"optimizer.params.max_grad_norm" = {max_grad_norm} and "gradient_clipping" = '
+                f"{gradient_clipping} disagree; they are the same knob: give one, or equal values"
+            )
         clip = float(max_grad_norm)
     return clip
 
 
-def build_optimizer(section: Any, model: Optional[nn.Module] = None, *,
-                    model_parameters: Optional[Iterable[Any]] = None, max_grad_norm: Optional[float] = None,
-                    allow_torch: bool = False) -> Optional[torch.optim.Optimizer]:
+def build_optimizer(
+    section: Any,
+    model: Optional[nn.Module] = None,
+    *,
+    model_parameters: Optional[Iterable[Any]] = None,
+    max_grad_norm: Optional[float] = None,
+    allow_torch: bool = False,
+) -> Optional[torch.optim.Optimizer]:
     """The optimizer of an ``"optimizer"`` section (see the module docstring), or None for a type that is not ours
     when ``allow_torch`` is false. ``max_grad_norm`` is what our optimizer clips to (the caller resolves it with
     :func:`resolve_clipping`: None when DeepSpeed clips); it is ignored for torch optimizers."""
@@ -202,4 +224,3 @@ def build_scheduler(section: Optional[Dict[str, Any]], optimizer: Any, total_ste
         return factory(optimizer)
     finally:
         ds_logger.setLevel(level)
-

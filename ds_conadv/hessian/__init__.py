@@ -19,7 +19,8 @@ from ds_conadv.hessian.density import SpectralDensity, gaussian_density, slq
 from ds_conadv.hessian.eigen import (TraceResult, hutchinson_trace, lanczos, lanczos_eigenvalues, power_iteration,
                                      random_vector)
 from ds_conadv.hessian.hessian import Hessian, layer_spectra
-from ds_conadv.hessian.hvp import BACKENDS, HessianOperator, batch_size_of, make_communicator, select_params, unwrap_model
+from ds_conadv.hessian.hvp import (BACKENDS, HessianOperator, batch_size_of, make_communicator, select_params,
+                                   unwrap_model)
 
 __all__ = ["Hessian", "layer_spectra", "HessianOperator", "SpectralDensity", "TraceResult", "power_iteration",
            "lanczos", "lanczos_eigenvalues", "hutchinson_trace", "slq", "gaussian_density", "random_vector",

@@ -35,7 +35,8 @@ class Hessian:
     Keyword-only options (see :class:`~ds_conadv.hessian.hvp.HessianOperator` for the details):
     ``params`` (restrict to some parameters: a module, tensors or names), ``loss_fn(model, batch)``,
     ``hvp`` (``"auto"`` = ``"double"``, or ``"func"``), ``bn_eval=True``, ``dropout_eval=True``, ``cache``,
-    ``distributed`` / ``process_group`` (default: automatic, see below), ``sync_buffers=True``, ``seed=0``, ``progress`` (tqdm bars:
+    ``distributed`` / ``process_group`` (default: automatic, see below), ``sync_buffers=True``, ``seed=0``,
+    ``progress`` (tqdm bars:
     ``None`` = on a terminal only, ``True``, ``False``; rank 0 only), ``batch_size_fn``.
 
     Distributed: when torch.distributed is initialised with more than one rank (or ``process_group`` is given,

@@ -33,10 +33,8 @@ A LAMB or LARS step is 3 fused launches (4 under ZeRO segment ids) plus the few 
 ``functional.py`` for the trust ratios (+3 for ``max_grad_norm``: the global grad norm is a ``sumsq`` over one
 id).
 
-Measured on one H200 (torch 2.11+cu130; 60 fp32 tensors of 2^20 elements, direct kernel calls, CUDA events;
-a device-to-device copy ran at 4.09 TB/s): LAMB pass 1 3.5 TB/s, pass 2 3.9 TB/s, LARS pass 1 4.1 TB/s,
-pass 2 4.1 TB/s, the same within 3 % with every segment starting 1 element off alignment (flat buffer).  A whole
-``LAMB.step`` on 63M params in 100 tensors: 1.43 ms (``foreach``: 8.1 ms); ``LARS.step`` 1.14 ms (6.3 ms).
+Measured bandwidths and step times (``benchmarks/optim_step.py``, ``benchmarks/triton_kernels.py``) are in
+docs/kernels.md and docs/benchmarks.md, not here (they go stale).
 
 Memory traffic (fp32): LAMB pass 1 reads p, g, m, v and writes m, v (24 B/param), pass 2 reads p, m, v and
 writes p (16 B/param); LARS pass 1 reads g, p (8 B/param), pass 2 reads p, g, buf and writes buf, p (20 B/param;
@@ -104,13 +102,13 @@ def build(verbose: bool = False):
 
 
 def build_at_install(verbose: bool = True) -> bool:
-    """Pre-build the extension into the JIT cache (``setup.py`` calls this when ``DS_CONADV_BUILD_CUDA=1``).
+    """Pre-build the extension into the JIT cache, e.g. in an image build step after installing
+    (``python -c "from ds_conadv.kernels.cuda import build_at_install; build_at_install()"``).
 
     Needs nvcc and a CUDA build of torch (no GPU needed).  Returns True on success, False (with a message on
-    stderr) otherwise, so that an install never fails because of it; the kernels then build on first use.
-    Alternatively ``setup.py`` may build ``torch.utils.cpp_extension.CUDAExtension(
-    "ds_conadv.kernels.cuda._dsc_ext", [kernels/cuda/dsc_binding.cpp, kernels/cuda/dsc_kernels.cu],
-    extra_compile_args={"cxx": EXTRA_CFLAGS, "nvcc": EXTRA_CUDA_CFLAGS})``, which :func:`build` imports first.
+    stderr) otherwise, so that a set-up step never fails because of it; the kernels then build on first use.
+    ``setup.py`` does not call this: with ``DS_CONADV_BUILD_CUDA=1`` it compiles the extension itself as
+    ``ds_conadv.kernels.cuda._dsc_ext``, which :func:`build` imports first.
     """
     try:
         build(verbose=verbose)

@@ -32,11 +32,9 @@ Design (see also :mod:`.tables`):
   compile-time constants (one compiled variant per combination). The skip flag masks every load and store.
 * Memory traffic with fp32 tensors: LAMB 24 + 16 = 40 B/param, LARS 8 + 20 = 28 B/param (the buffer is not
   read on a segment's first step); bf16/fp16 params or grads read/write 2 bytes instead of 4, and a
-  low-precision model copy adds 2 B/param in pass 2. Measured on an H200 (1e8 fp32 params in 300 tensors,
-  ``benchmarks/triton_kernels.py``): a LAMB step 0.94 ms, a LARS step 0.67 ms of GPU time, i.e. the modelled
-  traffic at the speed of a device-to-device copy (4.2 TB/s); about 94% / 84% of that for views at odd
-  offsets of one flat buffer (no vector loads). Issuing a step costs about 0.3 ms of host time per 300
-  tensors (the table-cache key: ``data_ptr()`` of every tensor).
+  low-precision model copy adds 2 B/param in pass 2. Measured step times against a device-to-device copy:
+  ``benchmarks/triton_kernels.py``, results in docs/kernels.md (not here: they go stale). Issuing a step costs
+  host time per tensor (the table-cache key: ``data_ptr()`` of every tensor).
 * Arithmetic is fp32 (IEEE division and square root); bf16/fp16 values are upcast on load and rounded to
   nearest even on store (bf16 with integer arithmetic, so the interpreter writes the same bits as a GPU).
 """

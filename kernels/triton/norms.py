@@ -26,7 +26,7 @@ INTERPRET = not isinstance(triton.jit(_probe), triton.runtime.jit.JITFunction)
 
 def device_fn(fn):
     """``@triton.jit`` for device helpers called from kernels. Under the interpreter a nested interpreted call
-    re-patches ``triton.language`` on every call (~1.5 ms each, most of a program's time), so there the helper
+    re-patches ``triton.language`` on every call (most of a program's time), so there the helper
     stays a plain Python function: it runs inside the kernel's patched scope with identical semantics."""
     return fn if INTERPRET else triton.jit(fn)
 

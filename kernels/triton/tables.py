@@ -137,7 +137,7 @@ class TableCache:
     """LRU cache of uploaded tables, keyed by the data pointers and dtypes of every tensor of every column and
     the sizes of the first column (the other columns must match those sizes; checked when a table is built).
 
-    Building the key costs about 0.2 us per tensor on the host (``data_ptr()`` dominates)."""
+    Building the key costs host time per tensor (``data_ptr()`` dominates)."""
 
     def __init__(self, item_size: int, capacity: int = 64):
         self.item_size = item_size

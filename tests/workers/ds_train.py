@@ -49,7 +49,8 @@ def main():
     if args.plain:
         opt_cls = ds_conadv.optim.LAMB if args.optimizer == "lamb" else ds_conadv.optim.LARS
         mgn = params.pop("max_grad_norm")
-        groups = (ds_conadv.optim.param_groups(model, params["weight_decay"]) if params.pop("exclude_norm_and_bias", False)
+        groups = (ds_conadv.optim.param_groups(model, params["weight_decay"])
+                  if params.pop("exclude_norm_and_bias", False)
                   else model.parameters())
         optimizer = opt_cls(groups, **params)
         config.update(gradient_clipping=mgn, zero_allow_untested_optimizer=True)

@@ -78,7 +78,8 @@ def check_settings(out):
                 adam_w_mode=False, always_adapt=True, trust_clip=True, min_trust_ratio=0.01, max_trust_ratio=10.0,
                 max_grad_norm=0.5, master_weights=True, backend="foreach")
     lars = LARS(model.parameters(), lr=0.3, momentum=0.8, weight_decay=5e-4, nesterov=True, trust_coefficient=0.01,
-                eps=1e-7, trust_clip=True, always_adapt=True, max_grad_norm=2.0, master_weights=True, backend="reference")
+                eps=1e-7, trust_clip=True, always_adapt=True, max_grad_norm=2.0, master_weights=True,
+                backend="reference")
     for name, opt in (("lamb", lamb), ("lars", lars)):
         before = group_settings(opt)
         wrapped = distributed_optimizer(opt, named_parameters=[(f"{name}.{n}", p) for n, p in model.named_parameters()])

@@ -16,6 +16,7 @@ Everything ds_conadv needs from DeepSpeed beyond its public API is listed here, 
 in CI with its oldest and newest release (``scripts/test_deepspeed_oldest.sh``); :func:`check_version` warns,
 naming what may break, outside it.
 """
+
 from __future__ import annotations
 
 import gc
@@ -24,9 +25,23 @@ import re
 import warnings
 from typing import Any, Callable, List, Optional, Tuple
 
-__all__ = ["SUPPORTED", "MIN_VERSION", "MAX_VERSION", "DeepSpeedCompatWarning", "check_version", "quiet_import",
-           "skip_shm_op_build", "wrapper_kind", "WRAPPERS", "flat_partitions", "hp_fragment", "find_wrapper",
-           "hook_backward_epilogue", "has_backward_epilogue", "check_scheduler_hook"]
+__all__ = [
+    "SUPPORTED",
+    "MIN_VERSION",
+    "MAX_VERSION",
+    "DeepSpeedCompatWarning",
+    "check_version",
+    "quiet_import",
+    "skip_shm_op_build",
+    "wrapper_kind",
+    "WRAPPERS",
+    "flat_partitions",
+    "hp_fragment",
+    "find_wrapper",
+    "hook_backward_epilogue",
+    "has_backward_epilogue",
+    "check_scheduler_hook",
+]
 
 #: the DeepSpeed releases this module is written and tested against (``setup.py`` declares the same range)
 MIN_VERSION = "0.16.9"
@@ -65,8 +80,12 @@ def check_version(version: Optional[str] = None) -> bool:
         _checked = True
     if _in_range(version):
         return True
-    warnings.warn(f"ds_conadv supports DeepSpeed {SUPPORTED}, this is {version}: these private parts of DeepSpeed "
-                  f"may have changed: {'; '.join(PRIVATE_USES)}", DeepSpeedCompatWarning, stacklevel=2)
+    warnings.warn(
+        f"ds_conadv supports DeepSpeed {SUPPORTED}, this is {version}: these private parts of DeepSpeed "
+        f"may have changed: {'; '.join(PRIVATE_USES)}",
+        DeepSpeedCompatWarning,
+        stacklevel=2,
+    )
     return False
 
 
@@ -84,8 +103,12 @@ def skip_shm_op_build() -> None:
     if isinstance(ops, dict):
         ops["deepspeed_shm_comm"] = False
     else:
-        warnings.warn("deepspeed.ops.__compatible_ops__ is missing: DeepSpeed may JIT-build its shm op at the first "
-                      "multi-rank start on CPU (start-up time only)", DeepSpeedCompatWarning, stacklevel=2)
+        warnings.warn(
+            "deepspeed.ops.__compatible_ops__ is missing: DeepSpeed may JIT-build its shm op at the first "
+            "multi-rank start on CPU (start-up time only)",
+            DeepSpeedCompatWarning,
+            stacklevel=2,
+        )
 
 
 def quiet_import() -> Any:
@@ -127,8 +150,10 @@ def _require(obj: Any, name: str) -> Any:
     try:
         return getattr(obj, name)
     except AttributeError:
-        raise NotImplementedError(f"DeepSpeed's {type(obj).__name__} has no {name!r} (DeepSpeed outside "
-                                  f"{SUPPORTED}?): ds_conadv cannot make LAMB/LARS trust ratios exact") from None
+        raise NotImplementedError(
+            f"DeepSpeed's {type(obj).__name__} has no {name!r} (DeepSpeed outside "
+            f"{SUPPORTED}?): ds_conadv cannot make LAMB/LARS trust ratios exact"
+        ) from None
 
 
 def flat_partitions(wrapper: Any) -> List[Tuple[Any, List[Any], Any]]:
@@ -136,22 +161,36 @@ def flat_partitions(wrapper: Any) -> List[Tuple[Any, List[Any], Any]]:
     group's low-precision params in flat order, data-parallel process group or None when not partitioned)``."""
     kind = wrapper_kind(wrapper)
     if kind == "zero12":
-        return list(zip(_require(wrapper, "single_partition_of_fp32_groups"), _require(wrapper, "bit16_groups"),
-                        _require(wrapper, "real_dp_process_group")))
+        return list(
+            zip(
+                _require(wrapper, "single_partition_of_fp32_groups"),
+                _require(wrapper, "bit16_groups"),
+                _require(wrapper, "real_dp_process_group"),
+            )
+        )
     if kind == "bf16":
-        return list(zip(_require(wrapper, "fp32_groups_flat_partition"), _require(wrapper, "bf16_groups"),
-                        _require(wrapper, "real_dp_process_group")))
+        return list(
+            zip(
+                _require(wrapper, "fp32_groups_flat_partition"),
+                _require(wrapper, "bf16_groups"),
+                _require(wrapper, "real_dp_process_group"),
+            )
+        )
     if kind == "fp16":
-        return [(flat, lp, None) for flat, lp in zip(_require(wrapper, "fp32_groups_flat"),
-                                                     _require(wrapper, "fp16_groups"))]
+        return [
+            (flat, lp, None)
+            for flat, lp in zip(_require(wrapper, "fp32_groups_flat"), _require(wrapper, "fp16_groups"))
+        ]
     raise ValueError(f"flat_partitions: not a stage-1/2, bf16 or fp16 wrapper: {type(wrapper).__name__}")
 
 
 def zero3_partitions(wrapper: Any) -> Tuple[List[Tuple[Any, List[Tuple[int, int]]]], Any]:
     """ZeRO 3: (per sub-group ``(flat fp32 partition, [(partition_numel, ds_numel) per param])``, process group)."""
     if getattr(wrapper, "offload_optimizer", False):
-        raise NotImplementedError("ds_conadv LAMB/LARS under ZeRO stage 3 with optimizer offload is not supported "
-                                  "(its sub-groups step on a backup optimizer); use it without offload_optimizer")
+        raise NotImplementedError(
+            "ds_conadv LAMB/LARS under ZeRO stage 3 with optimizer offload is not supported "
+            "(its sub-groups step on a backup optimizer); use it without offload_optimizer"
+        )
     groups = []
     for sub_group, flat in zip(_require(wrapper, "fp16_groups"), _require(wrapper, "fp32_partitioned_groups_flat")):
         groups.append((flat, [(int(p.partition_numel()), int(p.ds_numel)) for p in sub_group]))
@@ -191,8 +230,9 @@ def has_backward_epilogue(engine: Any) -> bool:
     return callable(getattr(engine, EPILOGUE, None))
 
 
-def hook_backward_epilogue(engine: Any, before: Callable[[], None],
-                           after: Optional[Callable[[float], None]] = None) -> bool:
+def hook_backward_epilogue(
+    engine: Any, before: Callable[[], None], after: Optional[Callable[[float], None]] = None
+) -> bool:
     """Wrap ``engine._backward_epilogue`` (per instance): ``before()`` runs when the backward compute is over and
     DeepSpeed's gradient reduction starts, ``after(seconds)`` with the epilogue's wall time. Idempotent.
 
@@ -203,9 +243,13 @@ def hook_backward_epilogue(engine: Any, before: Callable[[], None],
     original = getattr(engine, EPILOGUE, None)
     if original is None or not callable(original):
         version = _installed_version()
-        warnings.warn(f"DeepSpeed {version} has no DeepSpeedEngine.{EPILOGUE} (ds_conadv supports {SUPPORTED}): the "
-                      "ConAdv generation pass cannot start when the gradient reduction starts and waits for the whole "
-                      "engine.backward instead (correct results, less overlap)", DeepSpeedCompatWarning, stacklevel=2)
+        warnings.warn(
+            f"DeepSpeed {version} has no DeepSpeedEngine.{EPILOGUE} (ds_conadv supports {SUPPORTED}): the "
+            "ConAdv generation pass cannot start when the gradient reduction starts and waits for the whole "
+            "engine.backward instead (correct results, less overlap)",
+            DeepSpeedCompatWarning,
+            stacklevel=2,
+        )
         return False
     if getattr(original, "_ds_conadv_signal", False):
         return True
@@ -240,5 +284,7 @@ def check_scheduler_hook(base: type) -> None:
     """``WarmupPolyDecayLR`` overrides DeepSpeed's private ``WarmupDecayLR._get_gamma``: raise if it is gone
     (the power would silently not apply)."""
     if not callable(getattr(base, "_get_gamma", None)):
-        raise ImportError(f"DeepSpeed {_installed_version()}'s {base.__name__} has no _get_gamma (ds_conadv supports "
-                          f"DeepSpeed {SUPPORTED}): WarmupPolyDecayLR cannot apply its power")
+        raise ImportError(
+            f"DeepSpeed {_installed_version()}'s {base.__name__} has no _get_gamma (ds_conadv supports "
+            f"DeepSpeed {SUPPORTED}): WarmupPolyDecayLR cannot apply its power"
+        )

@@ -261,7 +261,7 @@ class DeepSpeedABSAEngine(EngineWrapper, ABSADriver):
         batch = gas * self.micro_batch * self.world_size
         if batch != self.ds.train_batch_size():
             self.ds.set_train_batch_size(batch)
-        inner = getattr(self.ds, "optimizer", None)
+        inner: Any = getattr(self.ds, "optimizer", None)
         if hasattr(inner, "gradient_accumulation_steps"):  # ZeRO 1/2 reads it for CPU offload
             inner.gradient_accumulation_steps = gas
 

@@ -123,7 +123,7 @@ def build_config_optimizer(cfg: Dict[str, Any], model: Any = None, model_paramet
     clips: one global norm over all partitions); None for DeepSpeed's own types (they pass through)."""
     section = cfg.get("optimizer")
     spec = optimizer_spec(section)
-    if spec is None:
+    if spec is None or not isinstance(section, dict):
         return None
     if optimizer is not None:
         raise ConfigError(f'both an optimizer= object and "optimizer": {{"type": "{section["type"]}"}} given; '
@@ -168,7 +168,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     DeepSpeed engine with ``train_batch(data_iter)``); extra keywords for it: ``loss_fn`` (default cross-entropy),
     ``conadv_seed``, ``steps_per_epoch`` (for the adversarial epoch window).
 
-    With ``"absa": {"enabled": true}`` it is a :class:`~ds_conadv.integrations.deepspeed.engine.DeepSpeedABSAEngine` instead (also a
+    With ``"absa": {"enabled": true}`` it is a :class:`~ds_conadv.integrations.deepspeed.engine.DeepSpeedABSAEngine`
+    instead (also a
     drop-in, with ``train_batch(data_iter)``, ``end_epoch()``, ``steps_per_epoch(samples)``); a ``"conadv"``
     section then only describes ABSA's attack and must not be enabled. Its keywords: ``loss_fn``, ``conadv_seed``
     (the attack's seed) and ``absa_options``, a dict of further :class:`~ds_conadv.absa.driver.ABSADriver`

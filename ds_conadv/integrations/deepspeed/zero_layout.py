@@ -11,6 +11,7 @@ optimizer core through :func:`ds_conadv._registry.register_wrapper_resolver`).
 
 Every read of a DeepSpeed private attribute goes through :mod:`.compat`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, List, Optional, Tuple
@@ -66,8 +67,13 @@ def _contiguous_fragments(lp_params: List[torch.Tensor]) -> List[Fragment]:
     return frags
 
 
-def _set_layout(trust: TrustRatioOptimizer, flat: torch.Tensor, fragments: List[Fragment], num_ids: int,
-                hook: Optional[Callable[[torch.Tensor], None]]) -> None:
+def _set_layout(
+    trust: TrustRatioOptimizer,
+    flat: torch.Tensor,
+    fragments: List[Fragment],
+    num_ids: int,
+    hook: Optional[Callable[[torch.Tensor], None]],
+) -> None:
     # keyed by the flat tensor: DeepSpeed steps one group at a time with ``param_groups`` swapped
     trust.set_segment_layout(flat, SegmentLayout([fragments], num_ids, hook))
 
@@ -110,9 +116,11 @@ def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
                 offset += part
             _set_layout(trust, flat, fragments, len(sizes), hook)
     else:
-        raise NotImplementedError(f"ds_conadv cannot make trust ratios exact under DeepSpeed's "
-                                  f"{type(wrapper).__name__}; supported: no wrapper (fp32), FP16_Optimizer, "
-                                  "BF16_Optimizer, ZeRO stage 1, 2 and 3")
+        raise NotImplementedError(
+            f"ds_conadv cannot make trust ratios exact under DeepSpeed's "
+            f"{type(wrapper).__name__}; supported: no wrapper (fp32), FP16_Optimizer, "
+            "BF16_Optimizer, ZeRO stage 1, 2 and 3"
+        )
     trust.mark_attached()
     return trust
 

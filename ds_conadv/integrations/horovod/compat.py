@@ -7,6 +7,7 @@ Horovod versions this integration is written and tested against (``setup.py``'s 
 * :func:`elastic_object_state` — ``horovod.common.elastic.ObjectState`` (not re-exported by ``horovod.torch``);
 * ``DistributedOptimizer.set_backward_passes_per_step`` (ABSA's growing batch) needs Horovod >= 0.21.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,8 +18,15 @@ from typing import Any, Tuple
 
 import torch
 
-__all__ = ["SUPPORTED", "MIN_VERSION", "MAX_VERSION", "HorovodCompatWarning", "check_version", "repoint_scheduler",
-           "elastic_object_state"]
+__all__ = [
+    "SUPPORTED",
+    "MIN_VERSION",
+    "MAX_VERSION",
+    "HorovodCompatWarning",
+    "check_version",
+    "repoint_scheduler",
+    "elastic_object_state",
+]
 
 MIN_VERSION = "0.28.1"
 MAX_VERSION = "0.29"  # exclusive
@@ -49,9 +57,13 @@ def check_version(version: Any = None) -> bool:
     v = _version_tuple(str(version))
     if _version_tuple(MIN_VERSION) <= v < _version_tuple(MAX_VERSION):
         return True
-    warnings.warn(f"ds_conadv supports Horovod {SUPPORTED}, this is {version}: DistributedOptimizer's rebuild (checked "
-                  "at wrap time), set_backward_passes_per_step (ABSA) and horovod.common.elastic.ObjectState "
-                  "(ElasticConAdvState) may differ", HorovodCompatWarning, stacklevel=2)
+    warnings.warn(
+        f"ds_conadv supports Horovod {SUPPORTED}, this is {version}: DistributedOptimizer's rebuild (checked "
+        "at wrap time), set_backward_passes_per_step (ABSA) and horovod.common.elastic.ObjectState "
+        "(ElasticConAdvState) may differ",
+        HorovodCompatWarning,
+        stacklevel=2,
+    )
     return False
 
 
@@ -60,8 +72,9 @@ def repoint_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
     param-group dicts, so the learning rates already reach it; this also redoes torch's ``step`` patch that
     tells the scheduler the optimizer stepped (else torch warns on every ``scheduler.step()``)."""
     scheduler.optimizer = optimizer
-    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) or hasattr(optimizer.step,
-                                                                                  "_wrapped_by_lr_sched"):
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) or hasattr(
+        optimizer.step, "_wrapped_by_lr_sched"
+    ):
         return
     opt_ref, func = weakref.ref(optimizer), optimizer.step.__func__  # type: ignore[attr-defined]
 
@@ -80,6 +93,8 @@ def elastic_object_state() -> type:
     try:
         from horovod.common.elastic import ObjectState
     except ImportError as exc:
-        raise ImportError(f"horovod.common.elastic.ObjectState is missing (ds_conadv supports Horovod {SUPPORTED}): "
-                          f"ElasticConAdvState needs it ({exc})") from exc
+        raise ImportError(
+            f"horovod.common.elastic.ObjectState is missing (ds_conadv supports Horovod {SUPPORTED}): "
+            f"ElasticConAdvState needs it ({exc})"
+        ) from exc
     return ObjectState

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The DeepSpeed integration tests against the OLDEST DeepSpeed release ds_conadv declares supported
+# (ds_conadv/integrations/deepspeed/compat.py MIN_VERSION = setup.py's "deepspeed" extra), so that the range is
+# tested, not claimed. The newest (the pinned test version) runs in scripts/test.sh.
+#
+# DeepSpeed goes into .ds-oldest/ (pip --target, no dependencies: the venv's, installed for the newest, serve;
+# DS_BUILD_OPS=0: no op is compiled) and shadows the venv's through PYTHONPATH, for pytest and the ranks it starts.
+# A few minutes on 2 cores: the install once (cached), then the DeepSpeed tests. Extra arguments go to pytest.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
+cd "$ROOT"
+OLDEST="$("$VPY" -c 'import ast, sys
+src = open("ds_conadv/integrations/deepspeed/compat.py").read()
+print(next(n.value.value for n in ast.parse(src).body if isinstance(n, ast.Assign)
+           and getattr(n.targets[0], "id", "") == "MIN_VERSION"))')"
+TARGET="$ROOT/.ds-oldest/$OLDEST"
+if [ ! -f "$TARGET/.complete" ]; then
+    _log "installing deepspeed==$OLDEST into $TARGET (no deps, DS_BUILD_OPS=0)"
+    rm -rf "$TARGET"
+    DS_BUILD_OPS=0 "$VPY" -m pip --disable-pip-version-check install --quiet --no-deps --no-build-isolation \
+        --target "$TARGET" "deepspeed==$OLDEST"
+    touch "$TARGET/.complete"
+fi
+have="$(PYTHONPATH="$TARGET" DS_ACCELERATOR=cpu "$VPY" -c 'import deepspeed; print(deepspeed.__version__)' 2>/dev/null | tail -1)"
+if [ "$have" != "$OLDEST" ]; then
+    _log "ERROR: PYTHONPATH=$TARGET imports deepspeed $have, expected $OLDEST"; exit 1
+fi
+_log "DeepSpeed integration tests against deepspeed $have"
+export PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_INTERPRET=1
+exec "$VPY" -m pytest -q --timeout=900 tests/test_deepspeed.py tests/test_conadv_deepspeed.py tests/test_compat.py "$@"
