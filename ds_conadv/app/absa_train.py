@@ -33,11 +33,10 @@ def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: 
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    import deepspeed
 
     from ds_conadv.absa.driver import attack_config
     from ds_conadv.absa.policy import ABSAConfig
-    from ds_conadv.integrations.deepspeed import initialize
+    from ds_conadv.integrations.deepspeed import compat, initialize
 
     from .common import DigitsCNN, attack_description, default_out_dir, evaluate, prepare_data, rank_batches
 
@@ -58,14 +57,9 @@ def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: 
     def loss_fn(output, y):
         return F.cross_entropy(output, y, label_smoothing=smoothing)
 
-    ds_logger = deepspeed.utils.logger
-    level = ds_logger.level
-    ds_logger.setLevel(logging.ERROR)
-    try:
+    with compat.log_level(logging.ERROR):
         engine, _, _, _ = initialize(model=DigitsCNN(tc.width, 10), config=ds_cfg, loss_fn=loss_fn,
-                                               conadv_seed=tc.seed, absa_options={"log_dir": out_dir})
-    finally:
-        ds_logger.setLevel(level)
+                                     conadv_seed=tc.seed, absa_options={"log_dir": out_dir})
     device = engine.device
     # the attack of the test-set evaluation: ABSA's own (its epsilon), else the conadv section's
     eval_attack = attack_config(ABSAConfig.from_section(ds_cfg["absa"]), conadv) or conadv

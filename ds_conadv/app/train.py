@@ -114,14 +114,9 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
     def loss_fn(output, y):
         return F.cross_entropy(output, y, label_smoothing=smoothing)
 
-    ds_logger = deepspeed.utils.logger
-    level = ds_logger.level
-    ds_logger.setLevel(logging.ERROR)  # "untested optimizer" (ours, attached to ZeRO), "lr before start", ...
-    try:
+    with compat.log_level(logging.ERROR):  # "untested optimizer" (ours, attached to ZeRO), "lr before start", ...
         engine, _, _, _ = initialize(model=model, config=ds_cfg, loss_fn=loss_fn, conadv_seed=tc.seed,
-                                               steps_per_epoch=micro_per_epoch)
-    finally:
-        ds_logger.setLevel(level)
+                                     steps_per_epoch=micro_per_epoch)
     device = engine.device
     stream = ((x_tr_n[idx], y_tr[idx]) for _, idx in rank_batches(n, micro, micro_per_epoch, rank, world, tc.seed))
 

@@ -216,11 +216,7 @@ def build_scheduler(section: Optional[Dict[str, Any]], optimizer: Any, total_ste
     factory = scheduler_factory(section, total_steps)
     import logging
 
-    from deepspeed.utils import logger as ds_logger
+    from ds_conadv.integrations.deepspeed import compat
 
-    level = ds_logger.level
-    ds_logger.setLevel(logging.ERROR)  # "lr before the scheduler started" at construction
-    try:
+    with compat.log_level(logging.ERROR):  # "lr before the scheduler started" at construction
         return factory(optimizer)
-    finally:
-        ds_logger.setLevel(level)

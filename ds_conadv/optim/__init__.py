@@ -3,8 +3,9 @@ from .apex_compat import LARC, FusedLAMB
 from .backends import BACKENDS, BackendUnavailable, get_kernels
 from .base import SegmentLayout, TrustRatioOptimizer
 from .groups import param_groups
+from .kernel_set import KernelSet
 from .lamb import LAMB
 from .lars import LARS
 
 __all__ = ["LAMB", "LARS", "FusedLAMB", "LARC", "param_groups", "SegmentLayout", "TrustRatioOptimizer",
-           "BACKENDS", "BackendUnavailable", "get_kernels"]
+           "BACKENDS", "BackendUnavailable", "get_kernels", "KernelSet"]

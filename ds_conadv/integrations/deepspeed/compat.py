@@ -19,11 +19,12 @@ naming what may break, outside it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
 import warnings
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 __all__ = [
     "SUPPORTED",
@@ -94,6 +95,20 @@ def _in_range(version: str) -> bool:
     return _version_tuple(MIN_VERSION) <= v < _version_tuple(MAX_VERSION)
 
 
+@contextlib.contextmanager
+def log_level(level: int) -> Iterator[None]:
+    """DeepSpeed's logger at ``level`` inside the block (e.g. ``logging.ERROR`` around ``initialize``: its
+    "untested optimizer" and "lr before the scheduler started" lines would break up a progress bar)."""
+    from deepspeed.utils import logger
+
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def skip_shm_op_build() -> None:
     """Mark DeepSpeed's inference-only ``deepspeed_shm_comm`` op incompatible, so that the first multi-rank start
     on CPU does not JIT-build it (training never uses it)."""
@@ -156,31 +171,24 @@ def _require(obj: Any, name: str) -> Any:
         ) from None
 
 
+#: per wrapper kind: (flat fp32 partitions, low-precision params per group, data-parallel groups or "" for none)
+_FLAT_PARTITIONS = {
+    "zero12": ("single_partition_of_fp32_groups", "bit16_groups", "real_dp_process_group"),
+    "bf16": ("fp32_groups_flat_partition", "bf16_groups", "real_dp_process_group"),
+    "fp16": ("fp32_groups_flat", "fp16_groups", ""),
+}
+
+
 def flat_partitions(wrapper: Any) -> List[Tuple[Any, List[Any], Any]]:
     """Per param group of a stage-1/2, bf16 or fp16 wrapper: ``(flat fp32 tensor the optimizer steps on, the
     group's low-precision params in flat order, data-parallel process group or None when not partitioned)``."""
     kind = wrapper_kind(wrapper)
-    if kind == "zero12":
-        return list(
-            zip(
-                _require(wrapper, "single_partition_of_fp32_groups"),
-                _require(wrapper, "bit16_groups"),
-                _require(wrapper, "real_dp_process_group"),
-            )
-        )
-    if kind == "bf16":
-        return list(
-            zip(
-                _require(wrapper, "fp32_groups_flat_partition"),
-                _require(wrapper, "bf16_groups"),
-                _require(wrapper, "real_dp_process_group"),
-            )
-        )
-    if kind == "fp16":
-        return [
-            (flat, lp, None)
-            for flat, lp in zip(_require(wrapper, "fp32_groups_flat"), _require(wrapper, "fp16_groups"))
-        ]
+    names = _FLAT_PARTITIONS.get(kind or "")
+    if names is not None:
+        flats, params, groups = (_require(wrapper, n) if n else None for n in names)
+        if groups is None:  # fp16/bf16 without ZeRO: nothing is partitioned
+            return [(flat, lp, None) for flat, lp in zip(flats, params)]
+        return list(zip(flats, params, groups))
     raise ValueError(f"flat_partitions: not a stage-1/2, bf16 or fp16 wrapper: {type(wrapper).__name__}")
 
 
