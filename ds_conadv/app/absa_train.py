@@ -29,16 +29,15 @@ def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: 
     on rank 0, None elsewhere."""
     import logging
 
-    import torch.distributed as tdist
     import torch.nn.functional as F
     from tqdm import tqdm
-
 
     from ds_conadv.absa.driver import attack_config
     from ds_conadv.absa.policy import ABSAConfig
     from ds_conadv.integrations.deepspeed import compat, initialize
 
-    from .common import DigitsCNN, attack_description, default_out_dir, evaluate, prepare_data, rank_batches
+    from .common import (DigitsCNN, attack_description, default_out_dir, evaluate, gather_ranks, prepare_data,
+                         print_accuracies, rank_batches)
 
     tc = resolved.train
     ds_cfg = resolved.deepspeed
@@ -105,12 +104,7 @@ def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: 
     wall = time.perf_counter() - t_start
 
     checksum = sum(float(p.detach().double().sum()) for p in engine.module.parameters())
-    ranks = [None] * world
-    mine = {"rank": rank, "steps": steps, "param_checksum": checksum}
-    if world > 1:
-        tdist.all_gather_object(ranks, mine)
-    else:
-        ranks = [mine]
+    ranks = gather_ranks({"rank": rank, "steps": steps, "param_checksum": checksum}, world)
     if rank != 0:
         return None
     plot = os.path.join(out_dir, "absa.png")
@@ -136,8 +130,7 @@ def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: 
     print(f"finished {steps} steps in {wall:.1f} s over {len(engine.log)} epochs, global batch "
           f"{summary['global_batches'][0]} -> {engine.global_batch} ({world} rank(s)"
           f"{'' if summary['ranks_agree'] else ', RANKS DISAGREE'})", file=out)
-    print(f"clean test accuracy:       {final['test_clean_acc']:.4f}", file=out)
-    print(f"adversarial test accuracy: {final['test_adv_acc']:.4f}  ({summary['adversarial_eval']})", file=out)
+    print_accuracies(out, final["test_clean_acc"], final["test_adv_acc"], summary["adversarial_eval"])
     print(f"log:     {summary['paths']['absa_log_csv']}  {summary['paths']['metrics_json']}", file=out)
     print(f"plot:    {plot}", file=out, flush=True)
     return summary

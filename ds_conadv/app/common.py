@@ -18,7 +18,7 @@ from ds_conadv.integrations.deepspeed import compat
 
 __all__ = ["load_digits", "digits_data", "DigitsCNN", "digits_cnn", "Normalize", "rank_batches", "batch_geometry",
            "distributed", "evaluate", "describe_mode", "attack_description", "plot_curves", "default_out_dir",
-           "quiet_deepspeed_import", "prepare_data"]
+           "quiet_deepspeed_import", "prepare_data", "gather_ranks", "print_accuracies"]
 
 
 def quiet_deepspeed_import() -> Any:
@@ -215,6 +215,23 @@ def evaluate(module, x_test, y_test, normalize, conadv: ConAdvConfig, rank: int,
     clean = float(counts[0] / counts[2])
     adv = float(counts[1] / counts[2]) if attack_cfg is not None else float("nan")
     return clean, adv
+
+
+def gather_ranks(mine: Dict[str, Any], world: int) -> List[Dict[str, Any]]:
+    """Every rank's report (``mine``), in rank order, on every rank."""
+    if world == 1:
+        return [mine]
+    import torch.distributed as tdist
+
+    ranks: List[Any] = [None] * world
+    tdist.all_gather_object(ranks, mine)
+    return ranks
+
+
+def print_accuracies(out: Any, clean: float, adv: float, attack: str) -> None:
+    """The final clean and adversarial test accuracy lines of a job."""
+    print(f"clean test accuracy:       {clean:.4f}", file=out)
+    print(f"adversarial test accuracy: {adv:.4f}  ({attack})", file=out)
 
 
 def describe_mode(resolved: Any) -> str:

@@ -31,7 +31,7 @@ from ds_conadv.config.sections import ConfigError
 from ds_conadv.integrations.deepspeed import compat
 
 from .common import (DigitsCNN, attack_description, batch_geometry, default_out_dir, describe_mode, distributed,
-                     evaluate, plot_curves, prepare_data, rank_batches)
+                     evaluate, gather_ranks, plot_curves, prepare_data, print_accuracies, rank_batches)
 from .common import _fmt
 from .job_config import DEFAULT_CONFIG_NAME, ResolvedConfig, check_runnable
 
@@ -207,11 +207,7 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
                        for p in params)
     mine = {"rank": rank, "steps": step, "batches_consumed": engine.schedule.batches_consumed,
             "param_checksum": checksum}
-    ranks = [None] * world
-    if world > 1:
-        tdist.all_gather_object(ranks, mine)
-    else:
-        ranks = [mine]
+    ranks = gather_ranks(mine, world)
     if rank != 0:
         return None
 
@@ -243,8 +239,7 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
     adv = summary["final_test_adv_acc"]
     print(f"finished {step} steps in {wall:.1f} s (mean step {summary['mean_step_time_s'] * 1e3:.0f} ms, "
           f"{world} rank(s){'' if summary['ranks_agree'] else ', RANKS DISAGREE'})", file=out)
-    print(f"clean test accuracy:       {summary['final_test_clean_acc']:.4f}", file=out)
-    print(f"adversarial test accuracy: {adv:.4f}  ({summary['adversarial_eval']})", file=out)
+    print_accuracies(out, summary["final_test_clean_acc"], adv, summary["adversarial_eval"])
     print(f"metrics: {paths['metrics_csv']}  {paths['metrics_json']}", file=out)
     print(f"plot:    {paths['plot']}", file=out, flush=True)
     return summary

@@ -185,10 +185,10 @@ def flat_partitions(wrapper: Any) -> List[Tuple[Any, List[Any], Any]]:
     kind = wrapper_kind(wrapper)
     names = _FLAT_PARTITIONS.get(kind or "")
     if names is not None:
-        flats, params, groups = (_require(wrapper, n) if n else None for n in names)
-        if groups is None:  # fp16/bf16 without ZeRO: nothing is partitioned
+        flats, params = _require(wrapper, names[0]), _require(wrapper, names[1])
+        if not names[2]:  # fp16/bf16 without ZeRO: nothing is partitioned
             return [(flat, lp, None) for flat, lp in zip(flats, params)]
-        return list(zip(flats, params, groups))
+        return list(zip(flats, params, _require(wrapper, names[2])))
     raise ValueError(f"flat_partitions: not a stage-1/2, bf16 or fp16 wrapper: {type(wrapper).__name__}")
 
 
