@@ -20,13 +20,15 @@ SHIMS = (
     "ds_conadv.train",
     "ds_conadv.absa_train",
     "ds_conadv.horovod",
-    "ds_conadv.config",
     "ds_conadv.lr_schedules",
-    "ds_conadv.absa",
     "ds_conadv.absa_driver",
     "ds_conadv.integrations.deepspeed_engine",
     "ds_conadv.integrations.horovod_train",
 )
+
+
+#: library -> application edges that only keep an old import path working (resolved lazily, on first use)
+ALLOWED_APP_EDGES = {("ds_conadv.hessian", "ds_conadv.app.hessian_cli"): "ds_conadv.hessian.hessian_main & co."}
 
 
 def _module_name(path: str) -> str:
@@ -63,6 +65,14 @@ def import_graph() -> Dict[str, Set[str]]:
             targets: List[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
+            elif (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
+                targets = [node.args[0].value]  # importlib.import_module("ds_conadv....")
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = mod if is_pkg else mod.rpartition(".")[0]
@@ -125,7 +135,10 @@ def _is(mod: str, prefixes) -> bool:
 
 
 def test_no_import_cycles():
-    assert _cycles(import_graph()) == []
+    graph = import_graph()
+    for m, d in ALLOWED_APP_EDGES:  # resolved at attribute access, after both modules are loaded
+        graph[m].discard(d)
+    assert _cycles(graph) == []
 
 
 def test_library_never_imports_the_application():
@@ -133,7 +146,7 @@ def test_library_never_imports_the_application():
         f"{m} -> {d}"
         for m, deps in import_graph().items()
         for d in deps
-        if not _is(m, APP) and not _is(m, SHIMS) and m != PKG and _is(d, APP)
+        if not _is(m, APP) and m not in SHIMS and m != PKG and _is(d, APP) and (m, d) not in ALLOWED_APP_EDGES
     )
     assert bad == []
 
@@ -159,3 +172,96 @@ def test_the_graph_sees_function_level_imports():
 @pytest.mark.parametrize("cycle", [{"a": {"b"}, "b": {"a"}}, {"a": {"b"}, "b": {"c"}, "c": {"a"}}])
 def test_cycle_detection(cycle):
     assert _cycles({k: set(v) for k, v in cycle.items()})
+
+
+OLD_NAMES = {
+    "ds_conadv": ["initialize"],
+    "ds_conadv.train": [
+        "run",
+        "validate_config",
+        "load_embedded",
+        "DigitsCNN",
+        "Normalize",
+        "load_digits",
+        "evaluate",
+        "prepare_data",
+        "check_runnable",
+        "default_out_dir",
+        "attack_description",
+        "_quiet_deepspeed_import",
+    ],
+    "ds_conadv.absa_train": ["run_absa"],
+    "ds_conadv.config": [
+        "ConAdvConfig",
+        "ConfigError",
+        "TrainConfig",
+        "optimizer_class",
+        "strip_comments",
+        "validate_optimizer_params",
+        "GROUPING_KEYS",
+    ],
+    "ds_conadv.lr_schedules": ["WarmupPolyDecayLR", "scheduler_class", "scheduler_factory", "SCHEDULERS"],
+    "ds_conadv.absa": [
+        "ABSAConfig",
+        "ABSASchedule",
+        "accumulation_steps",
+        "reachable_batches",
+        "check_reachable_batches",
+        "plot_log",
+    ],
+    "ds_conadv.absa_driver": [
+        "ABSADriver",
+        "ABSATrainer",
+        "DeepSpeedABSAEngine",
+        "HorovodABSATrainer",
+        "attack_config",
+        "adversarial_count",
+        "ScaledLRScheduler",
+    ],
+    "ds_conadv.integrations.deepspeed": [
+        "initialize",
+        "attach",
+        "auto_attach",
+        "load_config",
+        "validate_config",
+        "_find_trust_optimizer",
+        "DeepSpeedConAdvEngine",
+    ],
+    "ds_conadv.integrations.deepspeed_engine": ["DeepSpeedConAdvEngine"],
+    "ds_conadv.integrations.horovod": [
+        "available",
+        "require_horovod",
+        "group_settings",
+        "check_settings_survived",
+        "distributed_optimizer",
+        "broadcast_state",
+        "HorovodConAdvTrainer",
+        "ElasticConAdvState",
+        "INSTALL_HINT",
+        "_is_distributed_optimizer",
+        "_repoint_scheduler",
+    ],
+    "ds_conadv.integrations.horovod_train": ["train_horovod", "resolve_batch", "digits_data", "digits_cnn", "main"],
+    "ds_conadv.horovod": ["train_horovod", "HorovodConAdvTrainer", "distributed_optimizer"],
+    "ds_conadv.hessian": ["Hessian", "hessian_main", "HESSIAN_CLI_DEFAULTS", "load_hessian_config", "load_checkpoint"],
+    "ds_conadv.optim": [
+        "LAMB",
+        "LARS",
+        "FusedLAMB",
+        "LARC",
+        "param_groups",
+        "SegmentLayout",
+        "TrustRatioOptimizer",
+        "get_kernels",
+        "KernelSet",
+    ],
+}
+
+
+@pytest.mark.parametrize("module", sorted(OLD_NAMES))
+def test_old_import_paths_keep_their_names(module):
+    import importlib
+
+    mod = importlib.import_module(module)
+    missing = [n for n in OLD_NAMES[module] if not hasattr(mod, n)]
+    assert missing == []
