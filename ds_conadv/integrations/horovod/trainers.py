@@ -27,7 +27,18 @@ from ds_conadv.config.sections import ConAdvConfig
 from .compat import repoint_scheduler
 from .optimizer import broadcast_state, distributed_optimizer, is_distributed_optimizer, require_horovod
 
-__all__ = ["HorovodConAdvTrainer", "HorovodABSATrainer"]
+__all__ = ["HorovodConAdvTrainer", "HorovodABSATrainer", "wrap_optimizer"]
+
+
+def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+                   backward_passes_per_step: int, **hvd_kwargs: Any) -> torch.optim.Optimizer:
+    """What both trainers do with a plain optimizer: :func:`~.optimizer.distributed_optimizer` (named after
+    ``model.named_parameters()``), and an LR scheduler built on the original pointed at the rebuild."""
+    wrapped = distributed_optimizer(optimizer, named_parameters=model.named_parameters(),
+                                    backward_passes_per_step=backward_passes_per_step, **hvd_kwargs)
+    if lr_scheduler is not None and getattr(lr_scheduler, "optimizer", None) is not None:
+        repoint_scheduler(lr_scheduler, wrapped)
+    return wrapped
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -82,10 +93,7 @@ class HorovodConAdvTrainer(ConAdvTrainer):
                                  f"wrapped with backward_passes_per_step={k}")
         else:
             k = 1 if gradient_accumulation_steps is None else int(gradient_accumulation_steps)
-            optimizer = distributed_optimizer(optimizer, named_parameters=model.named_parameters(),
-                                              backward_passes_per_step=k, **hvd_kwargs)
-            if lr_scheduler is not None and getattr(lr_scheduler, "optimizer", None) is not None:
-                repoint_scheduler(lr_scheduler, optimizer)
+            optimizer = wrap_optimizer(model, optimizer, lr_scheduler, k, **hvd_kwargs)
         if k < 1:
             raise ValueError(f"gradient_accumulation_steps must be >= 1, got {k}")
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -242,10 +250,7 @@ class HorovodABSATrainer(ABSATrainer):
         if is_distributed_optimizer(optimizer):
             raise ValueError("pass the plain optimizer: HorovodABSATrainer wraps it (backward_passes_per_step is "
                              "ABSA's to set)")
-        optimizer = distributed_optimizer(optimizer, named_parameters=model.named_parameters(),
-                                          backward_passes_per_step=gradient_accumulation_steps)
-        if lr_scheduler is not None and getattr(lr_scheduler, "optimizer", None) is not None:
-            repoint_scheduler(lr_scheduler, optimizer)
+        optimizer = wrap_optimizer(model, optimizer, lr_scheduler, gradient_accumulation_steps)
         if broadcast:
             broadcast_state(model, optimizer, 0, lr_scheduler)
         super().__init__(model, optimizer, cfg, micro_batch, loss_fn, lr_scheduler=lr_scheduler,
