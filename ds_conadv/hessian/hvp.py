@@ -52,7 +52,8 @@ def unwrap_model(model: Any) -> Tuple[nn.Module, Optional[Any]]:
     Under ZeRO 1/2 every rank holds the full parameters, so plain autograd on ``engine.module`` gives the
     Hessian. ZeRO 3 partitions the parameters and is refused.
     """
-    inner = getattr(model, "__dict__", {}).get("ds")  # ConAdv/ABSA engines (EngineWrapper.wrapped_engine)
+    # the ConAdv / ABSA engines wrap one (ds_conadv.integrations.deepspeed.engine.EngineWrapper.wrapped_engine)
+    inner = model.wrapped_engine if isinstance(getattr(type(model), "wrapped_engine", None), property) else None
     if not isinstance(model, nn.Module) and _is_deepspeed_engine(inner):
         model = inner
     if _is_deepspeed_engine(model):
