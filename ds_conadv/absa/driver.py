@@ -234,7 +234,8 @@ class ABSADriver:
             if k:
                 # made with the weights of this step, through the model in train mode with its BN running
                 # statistics frozen (ds_conadv.conadv.perturb); no parameter gradient is touched
-                x_adv = generate(module, x[:k], y[:k], self.attack, generator=self.generator,
+                x_adv = generate(module, x[:k], y[:k], self.attack,  # type: ignore[arg-type]  # set when k > 0
+                                 generator=self.generator,
                                  loss_fn=self.loss_fn)
                 x_train = torch.cat([x_adv.to(x.dtype), x[k:]])
             else:

@@ -86,7 +86,7 @@ def dual_bn_layers(model: nn.Module) -> List[DualBatchNorm]:
 
 def has_plain_batchnorm(model: nn.Module) -> bool:
     """True if ``model`` has a BatchNorm that is not one of the two branches of a DualBatchNorm."""
-    inside = set()
+    inside: set = set()
     for m in dual_bn_layers(model):
         inside.update((id(m.main), id(m.adv)))
     return any(isinstance(m, _BatchNorm) and id(m) not in inside for m in model.modules())

@@ -67,7 +67,7 @@ def scheduler_factory(section: Dict[str, Any]) -> Callable:
     if unknown:
         raise ConfigError(f'unknown key "{unknown[0]}" in "scheduler"; allowed keys: type, params')
     params = dict(section.get("params") or {})
-    allowed = [n for n in inspect.signature(cls.__init__).parameters
+    allowed = [n for n in inspect.signature(cls).parameters
                if n not in ("self", "optimizer", "last_batch_iteration")]
     for key in params:
         if key not in allowed:
@@ -86,6 +86,6 @@ def scheduler_factory(section: Dict[str, Any]) -> Callable:
     def build(optimizer):
         return cls(optimizer, **params)
 
-    build.scheduler_class = cls
-    build.params = params
+    build.scheduler_class = cls  # type: ignore[attr-defined]
+    build.params = params  # type: ignore[attr-defined]
     return build

@@ -132,7 +132,7 @@ class ConAdvConfig(SectionModel):
             mean = get("mean")
             if (mean is None) != (value is None):
                 return '"mean" and "std" go together: give both or neither'
-            if value is not None:
+            if value is not None and mean is not None:
                 if len(value) != len(mean):
                     return f'must have as many entries as "mean" ({len(mean)})'
                 if any(not (v > 0) for v in value):
@@ -143,7 +143,7 @@ class ConAdvConfig(SectionModel):
                      "embedding_module", "input_range", "mean", "std")
     @classmethod
     def _check_field(cls, value, info: ValidationInfo):
-        message = cls._rule(info.field_name, value, info.data)
+        message = cls._rule(str(info.field_name), value, info.data)
         if message:
             raise ValueError(message)
         return value
