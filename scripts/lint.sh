@@ -15,6 +15,7 @@ FORMATTED=(
     ds_conadv/integrations/deepspeed/compat.py
     ds_conadv/integrations/deepspeed/zero_layout.py
     ds_conadv/integrations/horovod/compat.py
+    ds_conadv/torch_compat.py
     tests/test_layout.py
     tests/test_compat.py
 )

@@ -24,7 +24,7 @@ from typing import Iterator, List
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from ds_conadv.torch_compat import BatchNormBase as _BatchNorm
 
 __all__ = ["DualBatchNorm", "convert_dual_bn", "use_adversarial_bn", "dual_bn_layers", "has_plain_batchnorm"]
 

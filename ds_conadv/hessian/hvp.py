@@ -28,6 +28,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 from torch import nn
 
+from ds_conadv.torch_compat import BatchNormBase, DropoutBase
+
 __all__ = ["HessianOperator", "unwrap_model", "select_params", "batch_size_of", "Communicator", "make_communicator",
            "BACKENDS"]
 
@@ -274,8 +276,8 @@ def make_communicator(distributed: Optional[Union[bool, str]] = None, process_gr
 # ----------------------------------------------------------------------------------------------------------
 # the operator
 # ----------------------------------------------------------------------------------------------------------
-_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
-_DROPOUT_TYPES = (nn.modules.dropout._DropoutNd,)
+_BN_TYPES = (BatchNormBase,)
+_DROPOUT_TYPES = (DropoutBase,)
 
 
 class _FunctionalModel:

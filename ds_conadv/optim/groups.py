@@ -6,7 +6,9 @@ from typing import Callable, Iterable, List, Union
 
 import torch.nn as nn
 
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+from ds_conadv.torch_compat import BatchNormBase, InstanceNormBase
+
+_NORM_TYPES = (BatchNormBase, nn.LayerNorm, nn.GroupNorm, InstanceNormBase,
                nn.LocalResponseNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 Skip = Union[Iterable[str], Callable[[str, nn.Parameter], bool], None]

@@ -1,22 +1,19 @@
-"""The one place that touches Horovod's (and, for the scheduler repoint, torch's) private internals, with the
-Horovod versions this integration is written and tested against (``setup.py``'s ``horovod`` extra).
+"""The one place that touches Horovod's private internals, with the Horovod versions this integration is written
+and tested against (``setup.py``'s ``horovod`` extra).
 
-* :func:`repoint_scheduler` — redoes torch's private ``step`` patch of ``LRScheduler`` (``_wrapped_by_lr_sched``,
-  ``_opt_called``) on the optimizer that ``hvd.DistributedOptimizer`` rebuilt; without it torch warns on every
-  ``scheduler.step()`` (nothing else breaks);
+* :func:`repoint_scheduler` (from :mod:`ds_conadv.torch_compat`, which owns torch's private ``step`` patch) points
+  an LR scheduler at the optimizer that ``hvd.DistributedOptimizer`` rebuilt;
 * :func:`elastic_object_state` — ``horovod.common.elastic.ObjectState`` (not re-exported by ``horovod.torch``);
 * ``DistributedOptimizer.set_backward_passes_per_step`` (ABSA's growing batch) needs Horovod >= 0.21.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 import warnings
-import weakref
 from typing import Any, Tuple
 
-import torch
+from ds_conadv.torch_compat import repoint_scheduler
 
 __all__ = [
     "SUPPORTED",
@@ -65,27 +62,6 @@ def check_version(version: Any = None) -> bool:
         stacklevel=2,
     )
     return False
-
-
-def repoint_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
-    """Point an LR scheduler built on the original optimizer at its Horovod rebuild. The rebuild shares the
-    param-group dicts, so the learning rates already reach it; this also redoes torch's ``step`` patch that
-    tells the scheduler the optimizer stepped (else torch warns on every ``scheduler.step()``)."""
-    scheduler.optimizer = optimizer
-    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) or hasattr(
-        optimizer.step, "_wrapped_by_lr_sched"
-    ):
-        return
-    opt_ref, func = weakref.ref(optimizer), optimizer.step.__func__  # type: ignore[attr-defined]
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        opt = opt_ref()
-        opt._opt_called = True  # type: ignore[union-attr]
-        return func.__get__(opt, opt.__class__)(*args, **kwargs)
-
-    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-    optimizer.step = wrapper  # type: ignore[method-assign]
 
 
 def elastic_object_state() -> type:
