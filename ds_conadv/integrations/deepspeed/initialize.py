@@ -1,19 +1,10 @@
-"""DeepSpeed integration: JSON-selected LAMB/LARS and exact per-tensor trust ratios under ZeRO.
+"""``ds_conadv.initialize``: a drop-in for ``deepspeed.initialize`` with ds_conadv's optimizers and sections.
 
-``ds_conadv.initialize(...)`` is a drop-in for ``deepspeed.initialize``. It reads the DeepSpeed config (path,
-dict, or ``args.deepspeed_config``), takes ``"optimizer": {"type": "LAMB" | "LARS"}`` to mean *our*
-optimizers (DeepSpeed's own types pass through unchanged), ``"scheduler": {"type": "WarmupPolyDecayLR"}`` to mean
-ours (:mod:`ds_conadv.lr_schedules`), validates our ``"conadv"`` section, and after
-DeepSpeed has wrapped the optimizer, calls :func:`attach` so trust ratios are exact.
-
-Why attach is needed: ZeRO 1/2 (and DeepSpeed's fp16/bf16 wrappers) flatten each param group into one fp32
-buffer and hand the optimizer only this rank's slice, cut at arbitrary element offsets. A per-tensor
-optimizer then takes its norms over that slice. ``attach`` gives our optimizer a :class:`SegmentLayout` per
-group: each original parameter's fragment in the slice (from DeepSpeed's ``_hp_mapping``) is a segment
-whose norm id is the parameter's index in the group; the per-id partial sums of squares are all-reduced
-over the data-parallel group once per group and step (one small collective), then the trust ratios are
-those of the whole tensors. A LAMB/LARS built by the user and passed to plain ``deepspeed.initialize``
-attaches itself at its first step (see :func:`auto_attach`).
+It reads the DeepSpeed config (path, dict, or ``args.deepspeed_config``), builds ``"optimizer": {"type": "LAMB" |
+"LARS"}`` and every ``"scheduler"`` with the one builder and factory of :mod:`ds_conadv.config.builders` (DeepSpeed's
+own optimizer types pass through unchanged), validates our ``"conadv"`` and ``"absa"`` sections, and after
+DeepSpeed has wrapped the optimizer, calls :func:`~.zero_layout.attach` so trust ratios are exact under ZeRO. With
+a ``"conadv"`` or enabled ``"absa"`` section it returns the matching engine (:mod:`.engine`).
 
 Gradient clipping: one clipping, done by DeepSpeed. Our ``max_grad_norm`` and DeepSpeed's
 ``"gradient_clipping"`` are the same knob: give either (both only if equal). DeepSpeed computes the global
