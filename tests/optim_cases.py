@@ -38,6 +38,7 @@ LARS_KNOBS: Dict[str, dict] = {
     "nesterov": dict(nesterov=True),
     "dampening": dict(dampening=0.1),
     "no_momentum": dict(momentum=0.0),
+    "dampening_without_momentum": dict(momentum=0.0, dampening=0.5),
     "max_grad_norm": dict(max_grad_norm=1.0),
     "coefficient_eps": dict(trust_coefficient=0.02, eps=0.0, weight_decay=5e-4),
 }
@@ -127,8 +128,9 @@ def textbook_lars(params, grads, lr=LARS_LR, momentum=0.9, dampening=0.0, weight
                 if trust_clip:
                     r = min(r / step_lr, 1.0)
             d = r * d
-            buf[i] = d.clone() if buf[i] is None else momentum * buf[i] + (1 - dampening) * d
-            d = d + momentum * buf[i] if nesterov else buf[i]
+            if momentum != 0:  # torch.optim.SGD: no buffer (and no dampening) without momentum
+                buf[i] = d.clone() if buf[i] is None else momentum * buf[i] + (1 - dampening) * d
+                d = d + momentum * buf[i] if nesterov else buf[i]
             p[i] = p[i] - step_lr * d
     return p
 

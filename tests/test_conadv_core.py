@@ -102,6 +102,47 @@ def test_tau1_example_comes_from_previous_weights():
         prev = (w_t, gen_t) if t >= 1 else None
 
 
+@pytest.mark.parametrize("tau", [1, 2])
+def test_tau_counts_optimizer_steps_under_accumulation(tau):
+    """2 micro-batches per optimizer step: every micro-batch of optimizer step s trains on examples generated
+    during optimizer step s - tau (before its update: with w_{s-tau}), never with the weights it is about to
+    update, and stale_by says so."""
+    mbs = 2
+    cfg = conf(tau=tau)
+    model = prepare_model(cnn(), cfg)
+    trainer = ConAdvTrainer(model, sgd(model), cfg=cfg, micro_batches_per_step=mbs)
+    it = iter(data(mbs * (2 * tau + 3)))
+    for k in range(mbs * (tau + 3)):
+        m = trainer.train_batch(it)
+        batch = trainer.last_batch
+        s = k // mbs
+        assert batch.optimizer_step == s and len(trainer.schedule.pending) == tau * mbs
+        if s < tau:   # nothing older than w_0 exists
+            assert batch.gen_step // mbs == 0
+        else:
+            assert batch.stale_by == tau and m["stale_by"] == tau and not batch.generated_now
+            assert k - batch.gen_step == tau * mbs
+
+
+def test_accumulated_micro_batches_equal_one_big_batch_when_vanilla():
+    cfg = conf(enabled=False)
+    model = cnn()
+    ref = copy.deepcopy(model)
+    trainer = ConAdvTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg=cfg, micro_batches_per_step=2)
+    batches = data(4)
+    it = iter(batches)
+    for _ in range(4):
+        trainer.train_batch(it)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for i in range(0, 4, 2):
+        opt.zero_grad()
+        for x, y in batches[i:i + 2]:
+            (torch.nn.functional.cross_entropy(ref(x), y) / 2).backward()
+        opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+
+
 def test_tau0_equals_handwritten_disadv_loop():
     cfg = conf(tau=0, adv_weight=0.5)
     batches = data(6)

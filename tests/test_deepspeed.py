@@ -96,6 +96,21 @@ def test_bf16_stages_agree(tmp_path):
         torch.testing.assert_close(results[1][name], value, rtol=0, atol=1e-2 * scale)
 
 
+@pytest.mark.parametrize("stage,clip", [(0, True), (2, False), (3, False)])
+def test_nonfinite_gradient_skips_the_step_on_every_rank(tmp_path, stage, clip):
+    """One NaN in one gradient element on rank 0 at step 3 (before the reduction: under ZeRO it ends up in one
+    rank's partition only): every rank skips that step, params bit-identical to the run that stopped before it.
+    At ZeRO 0 DeepSpeed does not look (with or without its clipping): our optimizer skips; ZeRO 1/2 fp32 skip in
+    DeepSpeed's own overflow check before our step; ZeRO 3 reaches our all-ranks check. Either way it is
+    counted once."""
+    extra = ["--stage", str(stage), "--optimizer", "lars"] + ([] if clip else ["--no-clip"])
+    before = run(tmp_path, f"clean{stage}", *extra, "--steps", "3")
+    poisoned = run(tmp_path, f"nan{stage}", *extra, "--steps", "4", "--nan-at", "3")
+    assert poisoned["skipped_steps"] + poisoned["engine_skipped_steps"] == 1
+    assert before["skipped_steps"] + before["engine_skipped_steps"] == 0
+    _assert_params_close(_params(poisoned), _params(before), f"ZeRO-{stage} skipped step", rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_checkpoint_resume_equals_uninterrupted(tmp_path, stage):
     full = _params(run(tmp_path, f"full{stage}", "--stage", str(stage), "--steps", "6"))

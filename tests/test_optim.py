@@ -105,7 +105,8 @@ def test_segment_layout_equals_whole_tensors(backend, cls):
     for step_grads in grads:
         flat.grad = torch.cat([g.reshape(-1) for g in step_grads]).float()
         opt.step()
-    assert len(sums_seen) == len(grads) and sums_seen[0].shape == (len(params), 2)
+    # per step: the all-ranks inf/NaN check of the gradients (1 x 1), then the per-id sums (ids x 2)
+    assert [tuple(s.shape) for s in sums_seen] == [(1, 1), (len(params), 2)] * len(grads)
     got, offset = [], 0
     for p in params:
         got.append(flat.detach()[offset:offset + p.numel()].reshape(p.shape).double())
@@ -168,6 +169,152 @@ def test_nonfinite_grad_with_clipping_skips_without_scaler(cls):
     assert torch.equal(p.detach(), saved[0]) and int(opt.skipped_steps) == 1
     for k, v in saved[1].items():
         assert torch.equal(opt.state[p][k], v)
+
+
+def _two_group_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+def test_nonfinite_grad_skips_by_default_without_clipping(cls, bad, backend):
+    """One inf/NaN element in one tensor of one group: the whole step is skipped (every group), bit-identical
+    params and state, counted; the next finite step goes on as if the bad one never happened."""
+    _backend_or_skip(backend)
+    model, twin = _two_group_model(), _two_group_model()
+    opts = [cls(param_groups(m, 1e-4), lr=0.01, backend=backend) for m in (model, twin)]
+    x = torch.randn(16, 6)
+    for opt, m in zip(opts, (model, twin)):
+        m(x).square().mean().backward()
+        opt.step()
+    before_p = [q.detach().clone() for q in model.parameters()]
+    before_s = copy.deepcopy(opts[0].state_dict()["state"])
+    model(x).square().mean().backward()
+    model[2].weight.grad[1, 2] = float(bad)
+    opts[0].step()
+    assert int(opts[0].skipped_steps) == 1
+    for a, b in zip(model.parameters(), before_p):
+        assert torch.equal(a, b)
+    after_s = opts[0].state_dict()["state"]
+    for k in before_s:
+        for name, value in before_s[k].items():
+            assert torch.equal(after_s[k][name], value), name
+    # the next finite step equals the twin's second step: the skipped one left no trace
+    for opt, m in zip(opts, (model, twin)):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+def test_nonfinite_in_one_ranks_partition_skips_on_every_rank(cls):
+    """Two "ranks" (threads) each own half of a flat parameter through a segment layout whose norm hook sums
+    with the other rank (an all-reduce). A NaN in rank 1's half only: both skip, both bit-identical."""
+    import threading
+
+    n = 40
+    flat0 = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    barrier, box = threading.Barrier(2, timeout=30), [None, None]
+
+    def make_hook(rank):
+        def all_reduce(t):
+            box[rank] = t.clone()
+            barrier.wait()
+            t.copy_(box[0] + box[1])
+            barrier.wait()
+        return all_reduce
+
+    results = [None, None]
+
+    def rank_main(rank):
+        part = flat0[rank * n // 2:(rank + 1) * n // 2].clone().requires_grad_(True)
+        opt = cls([part], lr=0.1, backend="reference")  # foreach keeps phase-1 results on a shared object
+        # two layers of 20 elements, cut at the rank boundary
+        opt.set_segment_layout(0, SegmentLayout([[(0, n // 2, rank)]], num_ids=2, norm_hook=make_hook(rank)))
+        part.grad = torch.ones(n // 2)
+        opt.step()
+        before = part.detach().clone()
+        part.grad = torch.ones(n // 2)
+        if rank == 1:
+            part.grad[3] = float("nan")
+        opt.step()
+        results[rank] = (torch.equal(part.detach(), before), int(opt.skipped_steps))
+
+    threads = [threading.Thread(target=rank_main, args=(r,), daemon=True) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [(True, 1), (True, 1)]
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+def test_skip_nonfinite_off_lets_nan_through(cls):
+    p = torch.ones(4, requires_grad=True)
+    opt = cls([p], lr=0.1, backend="foreach", skip_nonfinite=False)
+    p.grad = torch.tensor([1.0, float("nan"), 1.0, 1.0])
+    opt.step()
+    assert torch.isnan(p).any() and int(opt.skipped_steps) == 0
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+def test_skip_nonfinite_is_global_and_checked(cls):
+    a, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    with pytest.raises(TypeError, match="skip_nonfinite"):
+        cls([a], skip_nonfinite="yes")
+    opt = cls([{"params": [a]}, {"params": [b], "skip_nonfinite": False}], lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    with pytest.raises(ValueError, match="skip_nonfinite is global"):
+        opt.step()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("cls", [LAMB, LARS, FusedLAMB])
+def test_copy_and_pickle_round_trip(cls, how):
+    """A copied/unpickled optimizer steps, saves and loads like the original (torch.optim's contract)."""
+    import io
+    import pickle
+
+    model = _two_group_model()
+    opt = cls(param_groups(model, 1e-4), lr=0.01, backend="foreach")
+    x = torch.randn(16, 6)
+    model(x).square().mean().backward()
+    opt.step()
+    bundle = (model, opt)
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy(bundle)
+    else:
+        buf = io.BytesIO()
+        pickle.dump(bundle, buf)
+        buf.seek(0)
+        model2, opt2 = pickle.load(buf)
+    assert all(p2 is not p for p2, p in zip(model2.parameters(), model.parameters()))
+    for o, m in ((opt, model), (opt2, model2)):
+        o.zero_grad()
+        m(x).square().mean().backward()
+        o.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert int(opt2.skipped_steps) == int(opt.skipped_steps)
+    opt3 = cls(param_groups(model2, 1e-4), lr=0.01, backend="foreach")
+    opt3.load_state_dict(opt2.state_dict())
+
+
+def test_loads_state_saved_before_skip_nonfinite_existed():
+    model = _two_group_model()
+    opt = LAMB(param_groups(model, 1e-4), lr=0.01)
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        del g["skip_nonfinite"]
+    opt2 = LAMB(param_groups(model, 1e-4), lr=0.01)
+    opt2.load_state_dict(sd)
+    assert all(g["skip_nonfinite"] is True for g in opt2.param_groups)
 
 
 @pytest.mark.parametrize("cls", [LAMB, LARS])

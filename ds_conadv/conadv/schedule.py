@@ -1,8 +1,10 @@
 """The tau bookkeeping of ConAdv: which batch gets which adversarial example, generated with which weights.
 
 :class:`ConAdvSchedule` sits between the data iterator and the training step. It counts *steps* (one call of
-:meth:`~ConAdvSchedule.next_batch` each; with gradient accumulation an engine counts micro-batches) and keeps
-a look-ahead queue of ``tau`` batches already pulled from the iterator:
+:meth:`~ConAdvSchedule.next_batch` each, i.e. micro-batches under gradient accumulation) and keeps a look-ahead
+queue of ``tau * micro_batches_per_step`` batches already pulled from the iterator, so that ``tau`` is counted in
+**optimizer steps** whatever the accumulation: the adversarial examples of every micro-batch of optimizer step
+s were made with the weights of optimizer step s - tau. Below, with one micro-batch per step:
 
 * step t, :meth:`next_batch`: pop batch t (pull it if the queue is empty); refill the queue to ``tau`` batches
   (t+1 .. t+tau); if step t is in the adversarial window, batch t's adversarial example x̂_t was normally
@@ -89,11 +91,18 @@ class ConAdvBatch:
     index: int
     gen_step: Optional[int]
     generated_now: bool             # x_adv was generated synchronously in next_batch (w_t)
+    micro_batches_per_step: int = 1
+
+    @property
+    def optimizer_step(self) -> int:
+        return self.step // self.micro_batches_per_step
 
     @property
     def stale_by(self) -> Optional[int]:
         """How many optimizer steps old the weights that generated x_adv are (tau in steady state)."""
-        return None if self.gen_step is None else self.step - self.gen_step
+        if self.gen_step is None:
+            return None
+        return self.optimizer_step - self.gen_step // self.micro_batches_per_step
 
 
 class ConAdvSchedule:
@@ -106,12 +115,17 @@ class ConAdvSchedule:
         steps_per_epoch: steps per epoch, to know the epoch of future steps (else use :meth:`set_epoch`).
         prepare: applied to ``(x, y)`` when a batch is pulled (e.g. move to the device); returns ``(x, y)``.
         split: turns an iterator item into ``(x, y)`` (default :func:`split_batch`).
+        micro_batches_per_step: gradient accumulation steps (``steps`` and ``steps_per_epoch`` count
+            micro-batches; ``tau`` counts optimizer steps).
     """
 
     def __init__(self, cfg: ConAdvConfig, generator: Optional[torch.Generator] = None, seed: int = 0,
                  steps_per_epoch: Optional[int] = None,
                  prepare: Optional[Callable[[Any, Any], Tuple[Any, Any]]] = None,
-                 split: Callable[[Any], Tuple[Any, Any]] = split_batch):
+                 split: Callable[[Any], Tuple[Any, Any]] = split_batch, micro_batches_per_step: int = 1):
+        if not isinstance(micro_batches_per_step, int) or micro_batches_per_step < 1:
+            raise ValueError(f"micro_batches_per_step must be a positive int, got {micro_batches_per_step!r}")
+        self.micro_batches_per_step = micro_batches_per_step
         if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
             raise ValueError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
         self.cfg = cfg
@@ -132,6 +146,11 @@ class ConAdvSchedule:
     @property
     def tau(self) -> int:
         return self.cfg.tau if self.cfg.enabled else 0
+
+    @property
+    def lookahead(self) -> int:
+        """Batches pulled ahead: tau optimizer steps' worth of micro-batches."""
+        return self.tau * self.micro_batches_per_step
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch if self.steps_per_epoch else self._epoch
@@ -194,7 +213,7 @@ class ConAdvSchedule:
         if not self._queue and not self._pull(data_iter):
             raise StopIteration
         entry = self._queue.popleft()
-        while len(self._queue) < self.tau and self._pull(data_iter):
+        while len(self._queue) < self.lookahead and self._pull(data_iter):
             pass
         generated_now = False
         if not self.active():
@@ -205,7 +224,8 @@ class ConAdvSchedule:
             generated_now = True
         self._current = entry
         return ConAdvBatch(x=entry.x, y=entry.y, x_adv=entry.adv, step=self.step, epoch=self.epoch,
-                           index=entry.index, gen_step=entry.gen_step, generated_now=generated_now)
+                           index=entry.index, gen_step=entry.gen_step, generated_now=generated_now,
+                           micro_batches_per_step=self.micro_batches_per_step)
 
     def generate_ahead(self, generate_fn: GenerateFn) -> int:
         """Generate, with the current weights, x̂ for every queued batch that is due in the window and has none

@@ -78,13 +78,14 @@ class ConAdvTrainer:
         device: batches are moved there when pulled.
         attack_loss_fn: the loss the attack follows (default: ``loss_fn``).
         split: turns an iterator item into ``(x, y)``.
+        micro_batches_per_step: gradient accumulation (an engine's); ``tau`` then counts optimizer steps.
     """
 
     def __init__(self, model: nn.Module, optimizer: Any, loss_fn: Optional[Callable] = None,
                  cfg: Union[ConAdvConfig, Dict[str, Any], None] = None, *, lr_scheduler: Any = None,
                  generator: Optional[torch.Generator] = None, seed: int = 0, steps_per_epoch: Optional[int] = None,
                  device: Optional[Union[str, torch.device]] = None, attack_loss_fn: Optional[Callable] = None,
-                 split: Callable = split_batch):
+                 split: Callable = split_batch, micro_batches_per_step: int = 1):
         self.cfg = _as_config(cfg)
         self.model = model
         self.generation_model = model
@@ -95,7 +96,8 @@ class ConAdvTrainer:
         self.device = torch.device(device) if device is not None else None
         self._check_model()
         self.schedule = ConAdvSchedule(self.cfg, generator=generator, seed=seed, steps_per_epoch=steps_per_epoch,
-                                       prepare=self.prepare_batch, split=split)
+                                       prepare=self.prepare_batch, split=split,
+                                       micro_batches_per_step=micro_batches_per_step)
         self.last_batch: Optional[ConAdvBatch] = None
 
     # ---- checks --------------------------------------------------------------------------------------------
@@ -197,11 +199,18 @@ class ConAdvTrainer:
         return {"loss": d(loss), "clean_loss": d(clean_loss), "adv_loss": d(adv_loss), "clean_acc": clean_acc,
                 "adv_acc": adv_acc}
 
+    def _first_micro_batch(self) -> bool:
+        return self.schedule.step % self.schedule.micro_batches_per_step == 0
+
+    def _at_boundary(self) -> bool:
+        return (self.schedule.step + 1) % self.schedule.micro_batches_per_step == 0
+
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        if self._first_micro_batch():  # gradients accumulate over the micro-batches of one optimizer step
+            self.optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (loss / self.schedule.micro_batches_per_step).backward()
 
     def start_reduction(self) -> None:
         """Launch the gradient reduction (single process: nothing to do)."""
@@ -214,8 +223,10 @@ class ConAdvTrainer:
         """Wait for the gradient reduction (single process: nothing to do)."""
 
     def optimizer_step(self) -> None:
+        if not self._at_boundary():
+            return
         self.optimizer.step()
-        self.zero_grad()
+        self.optimizer.zero_grad(set_to_none=True)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
 

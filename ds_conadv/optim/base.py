@@ -88,18 +88,40 @@ class TrustRatioOptimizer(Optimizer):
         if defaults["max_grad_norm"] is not None:
             _check_float("max_grad_norm", defaults["max_grad_norm"], low=0.0, low_open=True)
         _check_bool("master_weights", defaults["master_weights"])
+        _check_bool("skip_nonfinite", defaults.setdefault("skip_nonfinite", True))
         super().__init__(params, defaults)
         self._skipped_steps: Optional[Tensor] = None
+        self._reset_runtime_state()
+        for group in self.param_groups:
+            self._validate_group(group)
+
+    def _reset_runtime_state(self) -> None:
+        """What lives on the instance besides torch's state and groups: nothing a copy or a pickle can carry
+        (layouts and the attachment belong to the wrapper the original was attached to)."""
         self.trust_ratios: List[Optional[Tensor]] = []
         self._layouts: Dict[int, tuple] = {}  # id(first param) -> (param, layout)
         self._own_params = {id(p) for g in self.param_groups for p in g["params"]}
         self._ds_attached = False
+
+    # -- copy / pickle -------------------------------------------------------------------------------------
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_skipped_steps"] = self._skipped_steps
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        skipped = state.pop("_skipped_steps", None)
+        super().__setstate__(state)
+        self._skipped_steps = skipped
+        self._reset_runtime_state()
         for group in self.param_groups:
-            self._validate_group(group)
+            group.setdefault("skip_nonfinite", True)
 
     # -- validation ----------------------------------------------------------------------------------------
     def _validate_group(self, group: dict) -> None:
         group["backend"] = check_backend_name(group["backend"])
+        _check_bool("skip_nonfinite", group.setdefault("skip_nonfinite", True))  # absent in older checkpoints
         devices = {p.device for p in group["params"]}
         if len(devices) > 1:
             raise ValueError(f"a param group mixes devices {sorted(map(str, devices))}; use one group per device")
@@ -262,31 +284,56 @@ class TrustRatioOptimizer(Optimizer):
             raise ValueError(f"max_grad_norm is global (one norm over all groups) but groups set {values}")
         return values.pop()
 
+    def _global_setting(self, key: str):
+        values = {g[key] for g in self.param_groups}
+        if len(values) > 1:
+            raise ValueError(f"{key} is global (one decision over all groups) but groups set {values}")
+        return values.pop()
+
     def _grad_coefficient(self, collected, kernels_per_group):
-        """(coefficient applied to every grad, skip flag): GradScaler unscale x global clip, inf/NaN check."""
+        """(coefficient applied to every grad, skip flag): GradScaler unscale x global clip, inf/NaN check.
+
+        The global gradient norm is taken when clipping asks for it, or (``skip_nonfinite``) only to see
+        whether any gradient holds inf/NaN: then the whole step is skipped, params and state untouched. With a
+        segment layout (ZeRO) each rank holds a part of the gradients: the partial sums go through the layout's
+        norm hook (an all-reduce), so every rank takes the same decision."""
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
         max_grad_norm = self._max_grad_norm()
         coef = None if grad_scale is None else grad_scale.double().reciprocal().float()
         skip = None if found_inf is None else found_inf > 0
-        if max_grad_norm is not None:
+        if max_grad_norm is not None or (found_inf is None and self._global_setting("skip_nonfinite")):
             device = None
             total = None
-            for (params, grads, *_), kernels in zip(collected, kernels_per_group):
-                if not grads:
+            for index, ((params, grads, *_), kernels) in enumerate(zip(collected, kernels_per_group)):
+                group = self.param_groups[index]
+                layout = self._layout_of(group)
+                if not grads and layout is None:
                     continue
-                part = F.grad_sumsq(kernels, grads)
+                if grads:
+                    part = F.grad_sumsq(kernels, grads)
+                else:  # this rank owns no gradient of the group, but the ranks that do sum with it
+                    part = torch.zeros((), dtype=torch.float32, device=group["params"][0].device)
+                if layout is not None and layout.norm_hook is not None:
+                    part = part.reshape(1, 1).clone()
+                    layout.norm_hook(part)
+                    part = part.reshape(())
                 device = device or part.device
                 total = part if total is None else total + part.to(device)
             if total is not None:
                 norm = total.sqrt()
                 if coef is not None:
                     norm = norm * coef.to(device)
-                clip = F.clip_coefficient(norm, max_grad_norm)
                 nonfinite = ~torch.isfinite(norm)
                 skip = nonfinite if skip is None else (skip.to(device) | nonfinite)
-                coef = clip if coef is None else coef.to(device) * clip
+                if max_grad_norm is not None:
+                    clip = F.clip_coefficient(norm, max_grad_norm)
+                    coef = clip if coef is None else coef.to(device) * clip
         return coef, skip
+
+    def _layout_of(self, group: dict) -> Optional[SegmentLayout]:
+        entry = self._layouts.get(id(group["params"][0])) if group["params"] else None
+        return entry[1] if entry is not None and entry[0] is group["params"][0] else None
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):

@@ -37,6 +37,7 @@ LARS::
     buf <- d on the first step, else momentum * buf + (1 - dampening) * d
     d  <- d + momentum * buf if nesterov else buf
     p  <- p - lr * d
+    (momentum = 0: buf = d every step, so dampening is ignored, as in torch.optim.SGD and timm)
 """
 from __future__ import annotations
 
@@ -302,6 +303,8 @@ def lars_update(seg: Segments, *, kernels, lr: Scalar, momentum: float, dampenin
                 grad_coef: Optional[Tensor] = None, skip: Optional[Tensor] = None,
                 norm_hook: NormHook = None) -> Tensor:
     """One LARS step of one group. Returns the per-id trust ratios (on device)."""
+    if momentum == 0:
+        dampening = 0.0  # as torch.optim.SGD: without momentum the update is d itself, dampening has no role
     sums = kernels.lars_phase1(seg, grad_coef=grad_coef, skip=skip)
     if norm_hook is not None:
         norm_hook(sums)

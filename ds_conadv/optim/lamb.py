@@ -28,8 +28,11 @@ class LAMB(TrustRatioOptimizer):
         always_adapt: apply the trust ratio also to groups with ``weight_decay == 0`` (apex ``use_nvlamb``).
         trust_clip: clip the trust ratio at 1 (timm ``trust_clip``).
         min_trust_ratio, max_trust_ratio: clamp the trust ratio (DeepSpeed FusedLamb ``min_coeff``/``max_coeff``).
-        max_grad_norm: clip all gradients together to this global L2 norm first (apex FusedLAMB); inf/NaN
-            gradients then skip the step, leaving params and state untouched (counted in ``skipped_steps``).
+        max_grad_norm: clip all gradients together to this global L2 norm first (apex FusedLAMB).
+        skip_nonfinite: a step whose gradients hold inf/NaN anywhere (any group, any rank under ZeRO) is
+            skipped, params and state untouched, and counted in ``skipped_steps``. Costs one read of the
+            gradients when ``max_grad_norm`` is not set (with clipping the norm is taken anyway); ``False``
+            drops that pass and lets inf/NaN reach the params, as torch's optimizers do.
         master_weights: keep an fp32 master copy of bf16/fp16 params (state is fp32 in any case).
         backend: ``"auto"``, ``"reference"``, ``"foreach"``, ``"cpp"``, ``"triton"`` or ``"cuda"``
             (see :mod:`ds_conadv.optim.backends`).
@@ -45,12 +48,14 @@ class LAMB(TrustRatioOptimizer):
                  weight_decay: float = 0.01, bias_correction: bool = True, grad_averaging: bool = True,
                  adam_w_mode: bool = True, always_adapt: bool = False, trust_clip: bool = False,
                  min_trust_ratio: Optional[float] = None, max_trust_ratio: Optional[float] = None,
-                 max_grad_norm: Optional[float] = None, master_weights: bool = False, backend: str = "auto"):
+                 max_grad_norm: Optional[float] = None, master_weights: bool = False, backend: str = "auto",
+                 skip_nonfinite: bool = True):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, grad_averaging=grad_averaging, adam_w_mode=adam_w_mode,
                         always_adapt=always_adapt, trust_clip=trust_clip, min_trust_ratio=min_trust_ratio,
                         max_trust_ratio=max_trust_ratio, max_grad_norm=max_grad_norm,
-                        master_weights=master_weights, backend=backend)
+                        master_weights=master_weights, backend=backend,
+                        skip_nonfinite=skip_nonfinite)
         super().__init__(params, defaults)
 
     def _validate_hyperparameters(self, group: dict) -> None:

@@ -16,12 +16,12 @@ class LARS(TrustRatioOptimizer):
         r   <- tc * ||p|| / (||g|| + wd * ||p|| + eps)   if (wd != 0 or always_adapt) and ||p||, ||g|| > 0
                min(r / lr, 1) instead when trust_clip (apex LARC clip mode), else r = 1
         d   <- r * d
-        buf <- d on the first step, else momentum * buf + (1 - dampening) * d
-        d   <- d + momentum * buf if nesterov else buf
+        buf <- d on the first step, else momentum * buf + (1 - dampening) * d   (momentum > 0)
+        d   <- d + momentum * buf if nesterov else buf                          (momentum = 0: d as is)
         p   <- p - lr * d
 
     Args: as :class:`torch.optim.SGD` plus ``trust_coefficient`` (eta), ``eps``, ``trust_clip``,
-    ``always_adapt``, ``max_grad_norm`` (global clipping; inf/NaN gradients then skip the step),
+    ``always_adapt``, ``max_grad_norm`` (global clipping), ``skip_nonfinite`` (inf/NaN gradients skip the step),
     ``master_weights`` and ``backend`` (see :class:`~ds_conadv.optim.LAMB`).
     """
 
@@ -30,11 +30,12 @@ class LARS(TrustRatioOptimizer):
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, dampening: float = 0.0,
                  weight_decay: float = 1e-4, nesterov: bool = False, trust_coefficient: float = 0.001,
                  eps: float = 1e-8, trust_clip: bool = False, always_adapt: bool = False,
-                 max_grad_norm: Optional[float] = None, master_weights: bool = False, backend: str = "auto"):
+                 max_grad_norm: Optional[float] = None, master_weights: bool = False, backend: str = "auto",
+                 skip_nonfinite: bool = True):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip,
                         always_adapt=always_adapt, max_grad_norm=max_grad_norm, master_weights=master_weights,
-                        backend=backend)
+                        backend=backend, skip_nonfinite=skip_nonfinite)
         super().__init__(params, defaults)
 
     def _validate_hyperparameters(self, group: dict) -> None:

@@ -1,7 +1,7 @@
 """One rank of a small DeepSpeed training run with ds_conadv's LAMB/LARS; writes the final params.
 
 Usage: ds_train.py --stage S --optimizer lamb|lars --dtype fp32|bf16 --steps N --out FILE
-       [--plain] [--save-at K --ckpt DIR] [--resume DIR] [--detach]
+       [--plain] [--save-at K --ckpt DIR] [--resume DIR] [--detach] [--nan-at K [--no-clip]]
 """
 import argparse
 import json
@@ -31,6 +31,10 @@ def main():
     ap.add_argument("--save-at", type=int, default=None)
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--resume", default=None)
+    ap.add_argument("--nan-at", type=int, default=None,
+                    help="at this step, rank 0 puts one NaN into one element of the last layer's weight gradient "
+                         "before the reduction (under ZeRO 1-3 it then sits in one rank's partition only)")
+    ap.add_argument("--no-clip", action="store_true", help="no gradient clipping")
     ap.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -38,6 +42,8 @@ def main():
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     model = make_model()
     params = optimizer_params(args.optimizer)
+    if args.no_clip:
+        params["max_grad_norm"] = None
     config = {
         "train_batch_size": GLOBAL_BATCH,
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
@@ -66,7 +72,18 @@ def main():
     if args.resume:
         engine.load_checkpoint(args.resume)
         start = engine.global_steps
+    poison = {"armed": False}
+
+    def _poison(grad):
+        if not poison["armed"] or rank != 0:
+            return grad
+        grad = grad.clone()
+        grad.view(-1)[grad.numel() // 2] = float("nan")
+        return grad
+
+    list(engine.module.parameters())[-2].register_hook(_poison)  # the last Linear's weight
     for step in range(start, args.steps):
+        poison["armed"] = step == args.nan_at
         x, y = batch(step, rank, world)
         x = x.to(next(engine.module.parameters()).dtype)
         loss = torch.nn.functional.mse_loss(engine(x).float(), y)
@@ -81,6 +98,7 @@ def main():
         value = deepspeed.utils.safe_get_full_fp32_param(p) if args.stage else None
         full[name] = (value if value is not None else p.detach()).float().reshape(-1).tolist()
     json.dump({"rank": rank, "params": full, "attached": trust._ds_attached,
+               "skipped_steps": int(trust.skipped_steps), "engine_skipped_steps": int(engine.skipped_steps),
                "wrapper": type(engine.optimizer).__name__}, open(f"{args.out}.rank{rank}", "w"))
 
 
