@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from itertools import repeat
+from operator import is_not
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -10,6 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
+from ._step_plan import collect as _collect_planned
 from .backends import check_backend_name, get_kernels
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -228,11 +231,12 @@ class TrustRatioOptimizer(Optimizer):
 
     def _segments(self, index: int, group: dict, params, grads, states, models, steps) -> tuple:
         """Turn a group's tensors into :class:`Segments` (+ norm hook), honouring a segment layout."""
-        model_params = models if any(m is not None for m in models) else None
+        model_params = models if any(map(is_not, models, repeat(None))) else None  # C-level loop: host time
         entry = self._layouts.get(id(group["params"][0])) if group["params"] else None
         layout = entry[1] if entry is not None and entry[0] is group["params"][0] else None
         if layout is None:
-            return F.Segments(params, grads, states, torch.stack(steps), model_params), None
+            steps = steps if isinstance(steps, Tensor) else torch.stack(steps)
+            return F.Segments(params, grads, states, steps, model_params), None
         if len(params) != len(group["params"]):
             raise RuntimeError("a group with a segment layout needs a gradient on every param")
         seg = F.Segments([], [], [[] for _ in states], steps[0], [] if model_params else None)
@@ -294,7 +298,8 @@ class TrustRatioOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         state_init_only = self._check_wrapped()
-        collected = [self._collect(i, g) for i, g in enumerate(self.param_groups)]
+        # a cached plan per parameter set (ds_conadv/optim/_step_plan.py); steps: one vector per group
+        collected = [_collect_planned(self, i, g) for i, g in enumerate(self.param_groups)]
         if state_init_only:
             return loss
         kernels_per_group = [self._kernels(g, c[0]) for g, c in zip(self.param_groups, collected)]
@@ -309,10 +314,13 @@ class TrustRatioOptimizer(Optimizer):
             g_coef = None if coef is None else coef.to(device)
             g_skip = None if skip is None else skip.to(device)
             # the step counter only advances on steps that are applied
-            if g_skip is None:
+            increment = 1 if g_skip is None else (~g_skip).to(torch.float32)  # a device tensor: no host sync
+            if isinstance(steps, Tensor):  # a plan's vector, viewed by every state["step"]
+                steps.add_(increment)
+            elif g_skip is None:
                 torch._foreach_add_(steps, 1)
             else:  # a list of 0-d device tensors: the single-tensor-scalar overload syncs on CUDA
-                torch._foreach_add_(steps, [(~g_skip).to(torch.float32)] * len(steps))
+                torch._foreach_add_(steps, [increment] * len(steps))
             seg, hook = self._segments(index, group, params, grads, states, models, steps)
             self.trust_ratios.append(self._update(group, seg, kernels, g_coef, g_skip, hook))
         if skip is not None:
