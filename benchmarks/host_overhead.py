@@ -91,12 +91,22 @@ def run(args) -> Dict:
     results = []
     load_before = os.getloadavg()
     for name in args.optimizers.split(","):
-        params = [torch.zeros(s, dtype=dtype, requires_grad=True) for s in shapes]
+        if args.zero_layout:  # one flat partition cut into a segment per original tensor, as under ZeRO
+            sizes = [int(torch.Size(s).numel()) for s in shapes]
+            params = [torch.zeros(sum(sizes), dtype=dtype, requires_grad=True)]
+        else:
+            params = [torch.zeros(s, dtype=dtype, requires_grad=True) for s in shapes]
         for p in params:
             p.grad = torch.zeros_like(p)
         kw = {"backend": "cpp", "master_weights": dtype != torch.float32}
         opt = LAMB(params, lr=1e-3, weight_decay=0.01, **kw) if name == "LAMB" else \
             LARS(params, lr=0.1, momentum=0.9, weight_decay=1e-4, **kw)
+        if args.zero_layout:
+            from ds_conadv.optim import SegmentLayout
+
+            offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+            opt.set_segment_layout(0, SegmentLayout([[(o, n, i) for i, (o, n) in enumerate(zip(offsets, sizes))]],
+                                                    len(sizes)))
         times = time_steps(opt, args.steps, args.warmup)
         q = statistics.quantiles(times, n=10)
         r = {"name": name, "median_us": statistics.median(times), "p10_us": q[0], "p90_us": q[-1],
@@ -105,13 +115,13 @@ def run(args) -> Dict:
         print(f"  {name:<5} {len(shapes)} tensors: median {r['median_us']:8.1f} us  p10 {r['p10_us']:8.1f}  "
               f"p90 {r['p90_us']:8.1f}", flush=True)
     report = {
-        "benchmark": "host_overhead", "paramset": args.paramset, "n_tensors": len(shapes), "dtype": args.dtype,
+        "benchmark": "host_overhead", "paramset": args.paramset, "zero_layout": args.zero_layout, "n_tensors": len(shapes), "dtype": args.dtype,
         "threads": args.threads, "machine_label": args.machine_label, "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load_avg": {"before": list(load_before), "after": list(os.getloadavg())}, "results": results,
     }
     if not args.no_json:
-        out = args.json_out or os.path.join(RESULTS_DIR, f"host_overhead-{args.paramset}-{args.dtype}.json")
+        out = args.json_out or os.path.join(RESULTS_DIR, f"host_overhead-{args.paramset}-{args.dtype}{'-zero' if args.zero_layout else ''}.json")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w", encoding="utf-8") as f:
             f.write(json.dumps(report, indent=2) + "\n")
@@ -128,6 +138,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--zero-layout", action="store_true",
+                   help="one flat param cut into one segment per tensor (the ZeRO layout)")
     p.add_argument("--machine-label", default="2-core CPU (shared)")
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--no-json", action="store_true")

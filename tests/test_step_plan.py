@@ -185,3 +185,32 @@ def test_channels_last_params_plan(monkeypatch):
             monkeypatch.setattr(_step_plan, "_MAX_PLANS", 8)
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+@pytest.mark.parametrize("same_grad_tensor", [False, True])
+def test_layout_cut_once_equals_cut_every_step(cls, same_grad_tensor, monkeypatch):
+    """Under a segment layout (ZeRO) the fragment views are cached; grads that are new tensors, or the same
+    tensors written in place, give the numbers of a step that cuts everything from scratch."""
+    from ds_conadv.optim import SegmentLayout
+
+    def run():
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, 30)), torch.nn.Parameter(torch.linspace(0.5, 2, 12))]
+        opt = _make(cls, params, "foreach")
+        opt.set_segment_layout(0, SegmentLayout([[(0, 10, 0), (10, 20, 1)], [(0, 12, 2)]], 3))
+        grads = [torch.zeros_like(p) for p in params]
+        for step in range(5):
+            for p, g, new in zip(params, grads, _grads(params, step)):
+                if same_grad_tensor:
+                    g.copy_(new)
+                    p.grad = g
+                else:
+                    p.grad = new
+            opt.step()
+        return [p.detach().clone() for p in params], opt
+
+    got, opt = run()
+    assert opt.__dict__.get("_layout_cuts")  # the cached cut was used
+    monkeypatch.setattr(_step_plan, "_MAX_PLANS", 0)  # no plan: new lists (and a new cut) every step
+    want, _ = run()
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -136,3 +136,56 @@ def _build(opt, ids, params, kparams, states, models, steps: List[Tensor], plans
     if _MAX_PLANS > 0:
         plans[ids] = plan
     return vector
+
+
+class _LayoutCut:
+    """A segment layout applied to one plan's lists: the fragment views of params, state and model params, the
+    per-segment step indices, and the last grads' fragment views (reused while the same grad tensors come)."""
+
+    __slots__ = ("fragments", "params", "states", "models", "seg_params", "seg_states", "seg_models", "ids",
+                 "step_index", "grads_key", "seg_grads", "keep")
+
+
+def _cut(tensors, fragments):
+    out = []
+    for k, frags in enumerate(fragments):
+        flat = tensors[k].view(-1)
+        for offset, numel, _ in frags:
+            out.append(flat[offset:offset + numel])
+    return out
+
+
+def layout_segments(opt, layout, params, grads, states, models, model_params, steps, segments_cls):
+    """:class:`Segments` of a group cut by a segment layout (DeepSpeed ZeRO). The views depend only on the layout
+    and the plan's lists, so they are cut once; only the grads are re-cut, and only when other grad tensors come."""
+    cache = opt.__dict__.setdefault("_layout_cuts", {})
+    cut = cache.get(id(layout))
+    if (cut is None or cut.fragments is not layout.fragments or cut.params is not params or cut.states is not states
+            or cut.models is not models or cut.keep is not layout):
+        cut = _LayoutCut()
+        cut.fragments, cut.params, cut.states, cut.models, cut.keep = layout.fragments, params, states, models, layout
+        cut.seg_params = _cut(params, layout.fragments)
+        cut.seg_states = [_cut(s, layout.fragments) for s in states]
+        cut.seg_models = _cut(models, layout.fragments) if model_params else None
+        cut.ids = [norm_id for frags in layout.fragments for _, _, norm_id in frags]
+        positions = [k for k, frags in enumerate(layout.fragments) for _ in frags]
+        device = params[0].device
+        cut.step_index = torch.tensor(positions, dtype=torch.int64).to(device)
+        cut.grads_key = None
+        if len(cache) >= _MAX_PLANS:
+            cache.clear()
+        cache[id(layout)] = cut
+    grads_key = tuple((id(g), g.data_ptr()) for g in grads)
+    if cut.grads_key != grads_key:
+        cut.seg_grads = _cut(grads, layout.fragments)
+        cut.grads_key = grads_key
+        cut.keep = layout  # (and the grads stay referenced through seg_grads)
+    if isinstance(steps, Tensor):
+        seg_steps = steps.index_select(0, cut.step_index) if cut.ids else steps[:0]
+    else:
+        seg_steps = torch.stack([steps[k] for k in cut.step_index.tolist()]) if cut.ids else torch.zeros(0)
+    seg = segments_cls(list(cut.seg_params), list(cut.seg_grads), [list(s) for s in cut.seg_states], seg_steps,
+                       None if cut.seg_models is None else list(cut.seg_models))
+    seg.seg_ids = layout.device_ids(cut.ids, params[0].device)
+    seg.num_ids = layout.num_ids
+    return seg

@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from . import functional as F
 from ._step_plan import collect as _collect_planned
+from ._step_plan import layout_segments as _layout_segments
 from .backends import check_backend_name, get_kernels
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -239,23 +240,8 @@ class TrustRatioOptimizer(Optimizer):
             return F.Segments(params, grads, states, steps, model_params), None
         if len(params) != len(group["params"]):
             raise RuntimeError("a group with a segment layout needs a gradient on every param")
-        seg = F.Segments([], [], [[] for _ in states], steps[0], [] if model_params else None)
-        ids, seg_steps = [], []
-        for k, frags in enumerate(layout.fragments):
-            for offset, numel, norm_id in frags:
-                cut = slice(offset, offset + numel)
-                seg.params.append(params[k].view(-1)[cut])
-                seg.grads.append(grads[k].view(-1)[cut])
-                for dst, src in zip(seg.states, states):
-                    dst.append(src[k].view(-1)[cut])
-                if model_params:
-                    seg.model_params.append(models[k].view(-1)[cut])
-                ids.append(norm_id)
-                seg_steps.append(steps[k])
-        device = params[0].device
-        seg.steps = torch.stack(seg_steps) if seg_steps else torch.zeros(0, device=device)
-        seg.seg_ids = layout.device_ids(ids, device)
-        seg.num_ids = layout.num_ids
+        # the fragment views are cut once per layout and plan (ds_conadv/optim/_step_plan.py)
+        seg = _layout_segments(self, layout, params, grads, states, models, model_params, steps, F.Segments)
         return seg, layout.norm_hook
 
     # -- step ----------------------------------------------------------------------------------------------
