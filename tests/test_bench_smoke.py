@@ -150,3 +150,24 @@ def test_conadv_overlap_benchmarks_run_at_tiny_size(tmp_path):
                         "--json", str(hout)], env=base_env(), cwd=root, check=True, capture_output=True, timeout=300)
         assert set(json.loads(hout.read_text())["summary"]["median_s"]) == {"vanilla", "disadv", "conadv", "no_gen",
                                                                           "gen"}
+
+
+def test_host_overhead_benchmark_runs_with_noop_kernels(tmp_path):
+    """benchmarks/host_overhead.py: a step with no-op kernels (plain and ZeRO layout) writes its JSON."""
+    path = os.path.join(ROOT, "benchmarks", "host_overhead.py")
+    spec = importlib.util.spec_from_file_location("host_overhead_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from ds_conadv.optim import backends
+
+    saved = dict(backends._cache)
+    try:
+        for extra in ([], ["--zero-layout"]):
+            out = tmp_path / "h.json"
+            assert mod.main(["--paramset", "resnet50", "--steps", "3", "--warmup", "1", "--json", str(out)] + extra) == 0
+            rep = json.loads(out.read_text())
+            assert rep["n_tensors"] == 161 and [r["name"] for r in rep["results"]] == ["LAMB", "LARS"]
+            assert all(r["median_us"] > 0 for r in rep["results"]) and rep["zero_layout"] == bool(extra)
+    finally:
+        backends._cache.clear()
+        backends._cache.update(saved)
