@@ -214,3 +214,15 @@ def test_layout_cut_once_equals_cut_every_step(cls, same_grad_tensor, monkeypatc
     monkeypatch.setattr(_step_plan, "_MAX_PLANS", 0)  # no plan: new lists (and a new cut) every step
     want, _ = run()
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_deleted_state_is_recreated_as_without_plans():
+    params = _params()
+    opt = _make(LARS, params, "foreach")
+    for step in range(3):
+        for p, g in zip(params, _grads(params, step)):
+            p.grad = g
+        opt.step()
+    del opt.state[params[2]]  # a reset of one param's state: it starts again at step 1
+    opt.step()
+    assert float(opt.state[params[2]]["step"]) == 1.0 and float(opt.state[params[0]]["step"]) == 4.0

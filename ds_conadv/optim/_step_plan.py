@@ -13,7 +13,8 @@ Only the grads change from step to step, so a :class:`GroupPlan` keeps the rest:
   dtype, sizes and strides.
 
 A plan is used only while the group holds the same param objects in the same order, ``optimizer.state`` is the same
-object (``load_state_dict`` replaces it) and the params without a grad are the same ones as when it was built.
+object with as many entries (``load_state_dict`` replaces it; deleting a param's state shrinks it) and the params
+without a grad are the same ones as when it was built.
 Anything else -- a param that gets ``grad=None``, a dtype or layout change, a moved param, a sparse grad, new
 groups -- takes the slow path (:meth:`TrustRatioOptimizer._collect`, which validates, creates state and raises
 the precise errors) and builds a new plan. Optimizer state tensors are bound when the plan is built: replace them
@@ -51,7 +52,7 @@ def _flat(t: Tensor) -> Tensor:
 
 class GroupPlan:
     __slots__ = ("ids", "positions", "absent", "with_grad", "meta", "params", "states", "models", "steps",
-                 "flat_positions", "state_obj")
+                 "flat_positions", "state_obj", "state_len")
 
     def mismatch(self, grads: List[Optional[Tensor]]) -> bool:
         ext = _ext()
@@ -83,7 +84,7 @@ def collect(opt, index: int, group: dict):
     ids = tuple(map(id, params))
     plan = plans.get(ids)
     grads = [p.grad for p in params]
-    if plan is not None and plan.state_obj is opt.state:
+    if plan is not None and plan.state_obj is opt.state and plan.state_len == len(opt.state):
         if plan.positions is None:
             with_grad = grads
         else:
@@ -126,7 +127,7 @@ def _build(opt, ids, params, kparams, states, models, steps: List[Tensor], plans
     plan.meta = _meta(with_grad)
     plan.params, plan.states, plan.models, plan.steps = kparams, states, models, vector
     plan.flat_positions = [j for j, p in enumerate(with_grad) if not p.is_contiguous()]
-    plan.state_obj = opt.state
+    plan.state_obj, plan.state_len = opt.state, len(opt.state)
     if plan.mismatch([p.grad for p in with_grad]):  # e.g. a dense grad in another layout: no plan
         plans.pop(ids, None)
         return vector
