@@ -226,3 +226,13 @@ def test_deleted_state_is_recreated_as_without_plans():
     del opt.state[params[2]]  # a reset of one param's state: it starts again at step 1
     opt.step()
     assert float(opt.state[params[2]]["step"]) == 1.0 and float(opt.state[params[0]]["step"]) == 4.0
+
+
+def test_gpu_params_never_build_the_cpu_extension_for_the_check(monkeypatch):
+    import ds_conadv.kernels.cpu as cpu
+
+    monkeypatch.setattr(_step_plan, "_checker", None)
+    monkeypatch.setattr(cpu, "_module", None)
+    monkeypatch.setattr(cpu, "load", lambda: pytest.fail("built the extension for a GPU run's check"))
+    assert _step_plan._ext(False) is None  # not loaded: the Python check
+    assert _step_plan._checker is None  # and nothing remembered, a later CPU plan may still use it

@@ -8,7 +8,8 @@ Only the grads change from step to step, so a :class:`GroupPlan` keeps the rest:
 * the kernel-side params, state and master lists (flat views for dense non-contiguous params, e.g. channels_last);
 * the per-param step counters as views into one vector, so that a step advances them with one op and the kernels
   get them without a ``torch.stack``;
-* what the fast path must re-check every step, in one C++ call where the CPU extension is built (else a loop):
+* what the fast path must re-check every step, in one C++ call where the CPU extension is built (else a loop;
+  for GPU params the extension is used only when something else already loaded it, never built for this):
   every param still has its dtype, data pointer and device, and every grad is present, dense, and has its param's
   dtype, sizes and strides.
 
@@ -22,6 +23,7 @@ through ``load_state_dict``, not by assigning into ``optimizer.state[p]``.
 """
 from __future__ import annotations
 
+import sys
 from typing import Dict, List, Optional
 
 import torch
@@ -32,9 +34,14 @@ _MAX_PLANS = 8  # per optimizer: DeepSpeed steps its groups one at a time, each 
 _checker = None  # the C++ extension (plan_meta / plan_mismatch), False when it cannot be loaded
 
 
-def _ext():
+def _ext(params_on_cpu: bool):
+    """The C++ CPU extension for the per-step check: for CPU params (their default backend builds it anyway), or
+    when something already loaded it; never a first-time build for a GPU run (that would stall its first step)."""
     global _checker
     if _checker is None:
+        cpu = sys.modules.get("ds_conadv.kernels.cpu")
+        if not params_on_cpu and getattr(cpu, "_module", None) is None:
+            return None
         try:
             from ds_conadv.kernels.cpu import load
 
@@ -43,7 +50,7 @@ def _ext():
                 _checker = False
         except Exception:  # noqa: BLE001 - the Python check below does the same, slower
             _checker = False
-    return _checker
+    return _checker or None
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -51,26 +58,18 @@ def _flat(t: Tensor) -> Tensor:
 
 
 class GroupPlan:
-    __slots__ = ("ids", "positions", "absent", "with_grad", "meta", "params", "states", "models", "steps",
+    __slots__ = ("ids", "positions", "absent", "with_grad", "meta", "checker", "params", "states", "models", "steps",
                  "flat_positions", "state_obj", "state_len")
 
     def mismatch(self, grads: List[Optional[Tensor]]) -> bool:
-        ext = _ext()
-        if ext:
-            return ext.plan_mismatch(self.with_grad, grads, self.meta) != -1
+        if self.checker is not None:
+            return self.checker.plan_mismatch(self.with_grad, grads, self.meta) != -1
         for p, g, (dtype, ptr, device) in zip(self.with_grad, grads, self.meta):
             if (g is None or p.dtype != dtype or p.data_ptr() != ptr or p.device != device
                     or g.layout != torch.strided or g.dtype != dtype or g.device != device
                     or g.shape != p.shape or g.stride() != p.stride()):
                 return True
         return False
-
-
-def _meta(params: List[Tensor]):
-    ext = _ext()
-    if ext:
-        return ext.plan_meta(params)
-    return [(p.dtype, p.data_ptr(), p.device) for p in params]
 
 
 def collect(opt, index: int, group: dict):
@@ -124,7 +123,9 @@ def _build(opt, ids, params, kparams, states, models, steps: List[Tensor], plans
     plan.positions = None if len(positions) == len(params) else positions
     plan.absent = [i for i, p in enumerate(params) if p.grad is None]
     plan.with_grad = with_grad
-    plan.meta = _meta(with_grad)
+    plan.checker = _ext(with_grad[0].device.type == "cpu")  # the same checker for the plan's whole life
+    plan.meta = (plan.checker.plan_meta(with_grad) if plan.checker is not None
+                 else [(p.dtype, p.data_ptr(), p.device) for p in with_grad])
     plan.params, plan.states, plan.models, plan.steps = kparams, states, models, vector
     plan.flat_positions = [j for j, p in enumerate(with_grad) if not p.is_contiguous()]
     plan.state_obj, plan.state_len = opt.state, len(opt.state)
