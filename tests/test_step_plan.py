@@ -233,6 +233,20 @@ def test_gpu_params_never_build_the_cpu_extension_for_the_check(monkeypatch):
 
     monkeypatch.setattr(_step_plan, "_checker", None)
     monkeypatch.setattr(cpu, "_module", None)
+    monkeypatch.setattr(cpu, "built", lambda: False)
     monkeypatch.setattr(cpu, "load", lambda: pytest.fail("built the extension for a GPU run's check"))
-    assert _step_plan._ext(False) is None  # not loaded: the Python check
+    assert _step_plan._ext(False) is None  # not built: the Python check
     assert _step_plan._checker is None  # and nothing remembered, a later CPU plan may still use it
+
+
+def test_built_says_whether_load_would_compile(monkeypatch, tmp_path):
+    import ds_conadv.kernels.cpu as cpu
+
+    _backend_or_skip("cpp")
+    assert cpu.built()  # loaded above
+    monkeypatch.setattr(cpu, "_module", None)
+    monkeypatch.setattr("ds_conadv.kernels._build._loaded", {})
+    monkeypatch.setenv("DS_CONADV_EXT_DIR", str(tmp_path))  # an empty cache: a load would compile
+    assert not cpu.built()
+    monkeypatch.setenv("DS_CONADV_DISABLE_CPP", "1")
+    assert not cpu.built()

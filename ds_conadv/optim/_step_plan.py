@@ -9,7 +9,7 @@ Only the grads change from step to step, so a :class:`GroupPlan` keeps the rest:
 * the per-param step counters as views into one vector, so that a step advances them with one op and the kernels
   get them without a ``torch.stack``;
 * what the fast path must re-check every step, in one C++ call where the CPU extension is built (else a loop;
-  for GPU params the extension is used only when something else already loaded it, never built for this):
+  for GPU params the extension is used only when an earlier build exists, never compiled for this):
   every param still has its dtype, data pointer and device, and every grad is present, dense, and has its param's
   dtype, sizes and strides.
 
@@ -23,7 +23,6 @@ through ``load_state_dict``, not by assigning into ``optimizer.state[p]``.
 """
 from __future__ import annotations
 
-import sys
 from typing import Dict, List, Optional
 
 import torch
@@ -36,14 +35,14 @@ _checker = None  # the C++ extension (plan_meta / plan_mismatch), False when it 
 
 def _ext(params_on_cpu: bool):
     """The C++ CPU extension for the per-step check: for CPU params (their default backend builds it anyway), or
-    when something already loaded it; never a first-time build for a GPU run (that would stall its first step)."""
+    when it is loaded or built already; never a first-time build for a GPU run (that would stall its first step)."""
     global _checker
     if _checker is None:
-        cpu = sys.modules.get("ds_conadv.kernels.cpu")
-        if not params_on_cpu and getattr(cpu, "_module", None) is None:
-            return None
         try:
-            from ds_conadv.kernels.cpu import load
+            from ds_conadv.kernels.cpu import built, load
+
+            if not params_on_cpu and not built():
+                return None
 
             _checker = load()
             if not hasattr(_checker, "plan_mismatch"):
