@@ -144,7 +144,7 @@ class _LayoutCut:
     per-segment step indices, and the last grads' fragment views (reused while the same grad tensors come)."""
 
     __slots__ = ("fragments", "params", "states", "models", "seg_params", "seg_states", "seg_models", "ids",
-                 "step_index", "grads_key", "seg_grads", "keep")
+                 "positions", "step_index", "grads_key", "seg_grads", "keep")
 
 
 def _cut(tensors, fragments):
@@ -169,9 +169,8 @@ def layout_segments(opt, layout, params, grads, states, models, model_params, st
         cut.seg_states = [_cut(s, layout.fragments) for s in states]
         cut.seg_models = _cut(models, layout.fragments) if model_params else None
         cut.ids = [norm_id for frags in layout.fragments for _, _, norm_id in frags]
-        positions = [k for k, frags in enumerate(layout.fragments) for _ in frags]
-        device = params[0].device
-        cut.step_index = torch.tensor(positions, dtype=torch.int64).to(device)
+        cut.positions = [k for k, frags in enumerate(layout.fragments) for _ in frags]
+        cut.step_index = torch.tensor(cut.positions, dtype=torch.int64).to(params[0].device)
         cut.grads_key = None
         if len(cache) >= _MAX_PLANS:
             cache.clear()
@@ -181,10 +180,12 @@ def layout_segments(opt, layout, params, grads, states, models, model_params, st
         cut.seg_grads = _cut(grads, layout.fragments)
         cut.grads_key = grads_key
         cut.keep = layout  # (and the grads stay referenced through seg_grads)
-    if isinstance(steps, Tensor):
-        seg_steps = steps.index_select(0, cut.step_index) if cut.ids else steps[:0]
+    if not cut.ids:
+        seg_steps = torch.zeros(0, device=params[0].device)
+    elif isinstance(steps, Tensor):
+        seg_steps = steps.index_select(0, cut.step_index)
     else:
-        seg_steps = torch.stack([steps[k] for k in cut.step_index.tolist()]) if cut.ids else torch.zeros(0)
+        seg_steps = torch.stack([steps[k] for k in cut.positions])
     seg = segments_cls(list(cut.seg_params), list(cut.seg_grads), [list(s) for s in cut.seg_states], seg_steps,
                        None if cut.seg_models is None else list(cut.seg_models))
     seg.seg_ids = layout.device_ids(cut.ids, params[0].device)
