@@ -471,7 +471,8 @@ def markdown_section(report: Dict) -> str:
                   f"{', '.join(map(str, report.get('compete_cpus', [])))} while timing.")
     lines = [
         f"<!-- optim_step:BEGIN {key} -->",
-        f"### {report['paramset_label']} on {report['device']}, {report['dtype']}",
+        f"### {report['paramset_label']} on {report['device']}, {report['dtype']}, {report['threads']} thread"
+        f"{'s' if report['threads'] != 1 else ''}" + (f" ({report['tag']})" if report.get("tag") else ""),
         "",
         f"{report['n_tensors']} tensors, {report['n_params']:,} parameters; {where}; torch {m['torch']}; "
         f"{m['platform']}; {report['steps']} timed steps after {report['warmup']} warm-up, interleaved over "
