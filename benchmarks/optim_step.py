@@ -11,9 +11,18 @@ Times ``optimizer.step()`` alone on the parameter shapes of a real model:
 
 Columns ("contenders") are pluggable: ``CONTENDERS`` is a registry of named factories
 ``(params) -> optimizer``. Each is built on fresh optimizer state, given random gradients once,
-warmed up, then timed for ``--steps`` steps (min and median reported). Contenders that cannot
-run here (a backend that is not built, a package that is not installed, CUDA-only code on a CPU)
-are skipped with the reason printed.
+warmed up, then timed for ``--steps`` steps (min and median reported). The timed steps are
+interleaved: ``--rounds`` rounds, each running every contender for its share of the steps, so that a
+change in machine load hits anchor and contender alike. Contenders that cannot run here (a backend that
+is not built, a package that is not installed, CUDA-only code on a CPU) are skipped with the reason printed.
+
+The ratio column compares each contender with its *anchor*, the strongest torch optimizer of the same
+shape of work: ``AdamW(fused)`` for LAMB-like contenders, ``SGD(momentum,fused)`` for LARS-like ones.
+Anchors are always timed in the same run (added to an ``--only`` selection when missing).
+
+``--compete N`` starts N busy-loop processes (``while True: pass``), each pinned to one of the last N
+CPUs, for the timed part: a busy core then costs each contender what it costs it, and the ratio says
+whether ours degrades more than torch's fused kernels. The load average before and after is recorded.
 
 GB/s counts the bytes a step must move at least: every parameter read and written, every
 gradient read, every optimizer-state tensor read and written (state sizes measured on the
@@ -48,7 +57,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 RESULTS_DIR = os.path.join(HERE, "results")
-BASELINE = "AdamW(foreach)"
+ADAMW_ANCHOR = "AdamW(fused)"
+SGD_ANCHOR = "SGD(momentum,fused)"
+BASELINE = ADAMW_ANCHOR  # the anchor of LAMB-like contenders (kept as the report's "baseline" field)
 
 # --------------------------------------------------------------------------- parameter sets
 
@@ -140,6 +151,7 @@ class Contender:
     # (param r+w, grad r, state r+w).
     bytes_per_param: Optional[Callable[[int], float]] = None
     note: str = ""
+    anchor: Optional[str] = None  # the contender its ratio is taken against (None: no ratio)
 
 
 def _ours(kind: str, backend: str) -> Callable:
@@ -276,21 +288,29 @@ def default_backends(device: str) -> List[str]:
 
 def build_contenders(backends: Sequence[str]) -> List[Contender]:
     """The registry: ours for each backend, then the baselines. Add entries here for new columns."""
+    a, s = ADAMW_ANCHOR, SGD_ANCHOR
     out = []
     for b in backends:
-        out.append(Contender(f"LAMB[{b}]", _ours("LAMB", b)))
-        out.append(Contender(f"LARS[{b}]", _ours("LARS", b)))
+        out.append(Contender(f"LAMB[{b}]", _ours("LAMB", b), anchor=a))
+        out.append(Contender(f"LARS[{b}]", _ours("LARS", b), anchor=s))
     out += [
-        Contender(BASELINE, _torch_adamw("foreach")),
-        Contender("AdamW(fused)", _torch_adamw("fused")),
-        Contender("SGD(momentum,foreach)", _torch_sgd),
-        Contender("SGD(momentum,fused)", _torch_sgd_fused),
-        Contender("timm.Lamb", _timm_lamb),
-        Contender("timm.Lars", _timm_lars),
-        Contender("deepspeed.FusedLamb", _deepspeed_lamb),
-        Contender("apex.FusedLAMB", _apex_lamb),
+        Contender("AdamW(foreach)", _torch_adamw("foreach"), anchor=a),
+        Contender(ADAMW_ANCHOR, _torch_adamw("fused"), anchor=a),
+        Contender("SGD(momentum,foreach)", _torch_sgd, anchor=s),
+        Contender(SGD_ANCHOR, _torch_sgd_fused, anchor=s),
+        Contender("timm.Lamb", _timm_lamb, anchor=a),
+        Contender("timm.Lars", _timm_lars, anchor=s),
+        Contender("deepspeed.FusedLamb", _deepspeed_lamb, anchor=a),
+        Contender("apex.FusedLAMB", _apex_lamb, anchor=a),
     ]
     return out
+
+
+def select_contenders(contenders: Sequence[Contender], only: Optional[str]) -> List[Contender]:
+    """The contenders ``--only`` names, plus the anchor of each (in registry order)."""
+    chosen = {c.name for c in contenders if _selected(c.name, only)}
+    chosen |= {c.anchor for c in contenders if c.name in chosen and c.anchor}
+    return [c for c in contenders if c.name in chosen]
 
 
 # --------------------------------------------------------------------------- timing
@@ -314,18 +334,24 @@ def measured_bytes_per_step(opt: torch.optim.Optimizer, params: Sequence[torch.T
     return total
 
 
-def time_contender(c: Contender, params, device: torch.device, steps: int, warmup: int, seed: int) -> Dict:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for p in params:  # same starting point for every contender
-        fill_(p, gen, 0.05)
-    opt = c.factory(params)
-    if opt is None:
-        raise Skip("factory returned no optimizer")
-    try:
+class Running:
+    """One contender's optimizer over the shared params, with its step times."""
+
+    def __init__(self, c: Contender, params, device: torch.device, warmup: int, seed: int):
+        self.c, self.params, self.device = c, params, device
+        self.times: List[float] = []
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for p in params:  # same starting point for every contender
+            fill_(p, gen, 0.05)
+        self.opt = c.factory(params)
+        if self.opt is None:
+            raise Skip("factory returned no optimizer")
         for _ in range(warmup):
-            opt.step()
+            self.opt.step()
         _sync(device)
-        times = []
+
+    def run(self, steps: int) -> None:
+        opt, device = self.opt, self.device
         if device.type == "cuda":
             for _ in range(steps):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -333,30 +359,76 @@ def time_contender(c: Contender, params, device: torch.device, steps: int, warmu
                 opt.step()
                 end.record()
                 end.synchronize()
-                times.append(start.elapsed_time(end))
+                self.times.append(start.elapsed_time(end))
         else:
             for _ in range(steps):
                 t0 = time.perf_counter()
                 opt.step()
-                times.append((time.perf_counter() - t0) * 1e3)
+                self.times.append((time.perf_counter() - t0) * 1e3)
+
+    def finish(self) -> Dict:
+        params, times = self.params, self.times
         n = sum(p.numel() for p in params)
-        if c.bytes_per_param is not None:
-            nbytes = c.bytes_per_param(params[0].element_size()) * n
+        if self.c.bytes_per_param is not None:
+            nbytes = self.c.bytes_per_param(params[0].element_size()) * n
         else:
-            nbytes = measured_bytes_per_step(opt, params)
+            nbytes = measured_bytes_per_step(self.opt, params)
         finite = all(bool(torch.isfinite(p.detach()).all()) for p in params[:: max(1, len(params) // 16)])
-    finally:
-        del opt
+        self.close()
+        med = statistics.median(times)
+        return {
+            "name": self.c.name, "anchor": self.c.anchor, "min_ms": min(times), "median_ms": med,
+            "times_ms": times, "bytes_per_step": int(nbytes), "bytes_per_param": nbytes / n,
+            "gbps": nbytes / (med * 1e-3) / 1e9 if med > 0 else float("inf"), "finite": finite,
+        }
+
+    def close(self) -> None:
+        self.opt = None
         gc.collect()
-        if device.type == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
-    med = statistics.median(times)
-    return {
-        "name": c.name, "min_ms": min(times), "median_ms": med, "times_ms": times,
-        "bytes_per_step": int(nbytes), "bytes_per_param": nbytes / n,
-        "gbps": nbytes / (med * 1e-3) / 1e9 if med > 0 else float("inf"),
-        "finite": finite,
-    }
+
+
+def time_contender(c: Contender, params, device: torch.device, steps: int, warmup: int, seed: int) -> Dict:
+    """One contender alone: warm-up, then ``steps`` timed steps."""
+    r = Running(c, params, device, warmup, seed)
+    try:
+        r.run(steps)
+    except BaseException:
+        r.close()
+        raise
+    return r.finish()
+
+
+def _round_shares(steps: int, rounds: int) -> List[int]:
+    rounds = max(1, min(rounds, steps))
+    return [steps // rounds + (1 if i < steps % rounds else 0) for i in range(rounds)]
+
+
+class Competitors:
+    """``n`` busy-loop processes, each pinned to one of the last ``n`` CPUs, while the context is open."""
+
+    def __init__(self, n: int):
+        self.n, self.procs, self.cpus = n, [], []
+
+    def __enter__(self):
+        import subprocess
+
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        self.cpus = cpus[-self.n:] if self.n else []
+        for cpu in self.cpus:
+            code = f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+            self.procs.append(subprocess.Popen([sys.executable, "-c", code]))
+        if self.procs:
+            time.sleep(0.5)  # let them start spinning
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+        return False
 
 
 # --------------------------------------------------------------------------- machine / output
@@ -388,26 +460,37 @@ def markdown_section(report: Dict) -> str:
     key = report["key"]
     m = report["machine"]
     where = (f"GPU {m['gpu']} (CUDA {m.get('cuda')})" if "gpu" in m
-             else f"CPU {m['cpu']}, {m['threads']} torch threads of {m['cpu_count']} cores")
+             else f"{report.get('machine_label') or 'CPU ' + m['cpu']} ({m['cpu']}), {m['threads']} torch "
+                  f"threads of {m['cpu_count']} cores")
+    load = report.get("load_avg")
+    extra = ""
+    if load:
+        extra += f" Load average (1 min) {load['before'][0]:.2f} before, {load['after'][0]:.2f} after."
+    if report.get("compete"):
+        extra += (f" {report['compete']} competing busy-loop process(es) pinned to CPU "
+                  f"{', '.join(map(str, report.get('compete_cpus', [])))} while timing.")
     lines = [
         f"<!-- optim_step:BEGIN {key} -->",
-        f"### {report['paramset_label']} on {report['device']}, {report['dtype']}",
+        f"### {report['paramset_label']} on {report['device']}, {report['dtype']}, {report['threads']} thread"
+        f"{'s' if report['threads'] != 1 else ''}" + (f" ({report['tag']})" if report.get("tag") else ""),
         "",
         f"{report['n_tensors']} tensors, {report['n_params']:,} parameters; {where}; torch {m['torch']}; "
-        f"{m['platform']}; {report['steps']} timed steps after {report['warmup']} warm-up; "
-        f"{report['date']}.",
+        f"{m['platform']}; {report['steps']} timed steps after {report['warmup']} warm-up, interleaved over "
+        f"{report.get('rounds', 1)} rounds; {report['date']}.{extra}",
         "",
-        "GB/s counts the minimum bytes of a one-pass step (params read+written, grads read, state read+written)"
+        "Ratio: median over the median of the contender's anchor in this run. GB/s counts the minimum bytes of a "
+        "one-pass step (params read+written, grads read, state read+written)"
         + (f"; % of copy is that over the measured device-to-device copy, {report['copy_gbps']:.0f} GB/s."
            if report.get("copy_gbps") else "."),
         "",
-        f"| contender | min ms | median ms | ratio vs {BASELINE} | GB/s | % of copy |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| contender | anchor | min ms | median ms | ratio vs anchor | GB/s | % of copy |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["results"]:
-        ratio = "" if r.get("ratio_vs_baseline") is None else f"{r['ratio_vs_baseline']:.2f}"
+        ratio = "" if r.get("ratio_vs_anchor") is None else f"{r['ratio_vs_anchor']:.2f}"
         pct = "" if r.get("pct_of_copy") is None else f"{r['pct_of_copy']:.0f}"
-        lines.append(f"| {r['name']} | {r['min_ms']:.2f} | {r['median_ms']:.2f} | {ratio} | {r['gbps']:.1f} | {pct} |")
+        lines.append(f"| {r['name']} | {r.get('anchor') or ''} | {r['min_ms']:.2f} | {r['median_ms']:.2f} | {ratio} "
+                     f"| {r['gbps']:.1f} | {pct} |")
     if report["skipped"]:
         lines.append("")
         lines.append("Skipped: " + "; ".join(f"{s['name']} ({s['reason']})" for s in report["skipped"]) + ".")
@@ -457,6 +540,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--paramset", choices=sorted(PARAMSETS), default="resnet50")
     p.add_argument("--scale", type=float, default=1.0, help="shrink every tensor's numel by this factor")
     p.add_argument("--steps", type=int, default=7, help="timed steps (min and median reported)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleave the timed steps of all contenders over this many rounds")
+    p.add_argument("--compete", type=int, default=0,
+                   help="busy-loop processes pinned to the last N CPUs while timing (a loaded machine)")
+    p.add_argument("--tag", default=None, help="suffix of the result key and JSON name (e.g. t1, compete)")
+    p.add_argument("--machine-label", default=None, help="how the docs name the machine, e.g. '2-core CPU (shared)'")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--backends", default=None,
@@ -471,8 +560,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-json", action="store_true", help="write no JSON")
     p.add_argument("--markdown", default=None, help="update this run's marked section in this file")
     a = p.parse_args(argv)
-    if a.steps < 1 or a.warmup < 0 or not a.scale > 0:
-        p.error("--steps must be >= 1, --warmup >= 0, --scale > 0")
+    if a.steps < 1 or a.warmup < 0 or not a.scale > 0 or a.rounds < 1 or a.compete < 0:
+        p.error("--steps must be >= 1, --warmup >= 0, --scale > 0, --rounds >= 1, --compete >= 0")
     return a
 
 
@@ -481,10 +570,28 @@ def _pattern(pat: str) -> "re.Pattern":
     return re.compile(re.escape(pat).replace(r"\*", ".*").replace(r"\?", ".") + r"\Z")
 
 
+def split_names(only: str) -> List[str]:
+    """Comma-separated names/patterns; commas inside parentheses or brackets belong to a name
+    (``SGD(momentum,fused)``)."""
+    out, depth, cur = [], 0, []
+    for ch in only:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth = max(0, depth - 1)
+        if ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur).strip())
+    return [x for x in out if x]
+
+
 def _selected(name: str, only: Optional[str]) -> bool:
     if not only:
         return True
-    return any(_pattern(pat).match(name) for pat in (s.strip() for s in only.split(",")) if pat)
+    return any(_pattern(pat).match(name) for pat in split_names(only))
 
 
 def run(args: argparse.Namespace) -> Dict:
@@ -494,7 +601,7 @@ def run(args: argparse.Namespace) -> Dict:
         raise SystemExit("--device cuda but CUDA is not available")
     backends = ([b.strip() for b in args.backends.split(",") if b.strip()] if args.backends
                 else default_backends(device.type))
-    contenders = [c for c in build_contenders(backends) if _selected(c.name, args.only)]
+    contenders = select_contenders(build_contenders(backends), args.only)
     if args.list:
         for c in contenders:
             print(c.name)
@@ -512,29 +619,51 @@ def run(args: argparse.Namespace) -> Dict:
           f"device {device}, {args.threads} threads, {args.steps} steps", flush=True)
 
     results, skipped = [], []
-    for c in contenders:
-        try:
-            r = time_contender(c, params, device, args.steps, args.warmup, args.seed)
-        except Skip as e:
-            skipped.append({"name": c.name, "reason": str(e)})
-            print(f"  skip {c.name}: {e}", flush=True)
-            continue
-        except Exception as e:  # noqa: BLE001 - a contender that fails here is reported, not fatal
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            skipped.append({"name": c.name, "reason": reason})
-            print(f"  skip {c.name}: {reason}", flush=True)
-            continue
-        results.append(r)
-        print(f"  {c.name:<24} min {r['min_ms']:9.3f} ms  median {r['median_ms']:9.3f} ms  "
-              f"{r['gbps']:7.2f} GB/s{'' if r['finite'] else '  (NON-FINITE params!)'}", flush=True)
-    base = next((r for r in results if r["name"] == BASELINE), None)
+
+    def skip(name, e):
+        reason = str(e) if isinstance(e, Skip) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        skipped.append({"name": name, "reason": reason[:300]})
+        print(f"  skip {name}: {reason[:300]}", flush=True)
+
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    with Competitors(args.compete) as competitors:
+        running: List[Running] = []
+        for c in contenders:  # build + warm up each (a contender that fails here is reported, not fatal)
+            try:
+                running.append(Running(c, params, device, args.warmup, args.seed))
+            except Exception as e:  # noqa: BLE001
+                skip(c.name, e)
+        for share in _round_shares(args.steps, args.rounds):
+            for r in list(running):
+                try:
+                    r.run(share)
+                except Exception as e:  # noqa: BLE001
+                    skip(r.c.name, e)
+                    r.close()
+                    running.remove(r)
+        for r in running:
+            res = r.finish()
+            results.append(res)
+            print(f"  {res['name']:<24} min {res['min_ms']:9.3f} ms  median {res['median_ms']:9.3f} ms  "
+                  f"{res['gbps']:7.2f} GB/s{'' if res['finite'] else '  (NON-FINITE params!)'}", flush=True)
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    by_name = {r["name"]: r for r in results}
     copy_gbps = copy_bandwidth_gbps(device)
     for r in results:
-        r["ratio_vs_baseline"] = (r["median_ms"] / base["median_ms"]) if base and base["median_ms"] > 0 else None
+        anchor = by_name.get(r.get("anchor"))
+        r["ratio_vs_anchor"] = (r["median_ms"] / anchor["median_ms"]) if anchor and anchor["median_ms"] > 0 else None
+        r["ratio_vs_baseline"] = r["ratio_vs_anchor"]  # older readers
         r["pct_of_copy"] = 100 * r["gbps"] / copy_gbps if copy_gbps else None
+    for r in results:
+        if r.get("ratio_vs_anchor") is not None and r["name"] != r["anchor"]:
+            print(f"  {r['name']:<24} / {r['anchor']:<20} {r['ratio_vs_anchor']:.3f}", flush=True)
+    key = section_key(device.type, label, args.dtype) + (f"/{args.tag}" if args.tag else "")
 
     report = {
-        "benchmark": "optim_step", "key": section_key(device.type, label, args.dtype),
+        "benchmark": "optim_step", "key": key, "tag": args.tag, "machine_label": args.machine_label,
+        "rounds": args.rounds, "compete": args.compete, "compete_cpus": competitors.cpus,
+        "load_avg": {"before": list(load_before), "after": list(load_after)} if load_before else None,
+        "anchors": {"LAMB": ADAMW_ANCHOR, "LARS": SGD_ANCHOR},
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device.type, "paramset": args.paramset, "paramset_label": label, "scale": args.scale,
         "dtype": args.dtype, "dtype_description": dtype_desc, "n_tensors": len(params), "n_params": n_params,
@@ -544,7 +673,8 @@ def run(args: argparse.Namespace) -> Dict:
     }
     if not args.no_json:
         out = args.json_out or os.path.join(
-            RESULTS_DIR, f"optim_step-{device.type}-{label}-{args.dtype}.json".replace("@", "_s"))
+            RESULTS_DIR, f"optim_step-{device.type}-{label}-{args.dtype}{'-' + args.tag if args.tag else ''}.json"
+            .replace("@", "_s"))
         _atomic_write(out, json.dumps(report, indent=2) + "\n")
         report["json_path"] = out
         print(f"# wrote {out}")

@@ -15,14 +15,27 @@ _loaded: dict = {}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def build_dir(name: str) -> str:
+def _root() -> str:
     import torch
 
-    root = os.environ.get("DS_CONADV_EXT_DIR") or os.path.join(
+    return os.environ.get("DS_CONADV_EXT_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "ds_conadv", "extensions", torch.__version__.replace("+", "_"))
-    path = os.path.join(root, name)
+
+
+def build_dir(name: str) -> str:
+    path = os.path.join(_root(), name)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def is_built(name: str, sources: List[str], extra_cflags: Optional[List[str]] = None,
+             extra_cuda_cflags: Optional[List[str]] = None) -> bool:
+    """Whether :func:`load_extension` with these arguments would find a library from an earlier build (and so
+    only import it, without compiling)."""
+    paths = [s if os.path.isabs(s) else os.path.join(HERE, s) for s in sources]
+    flags = list(extra_cflags or []) + list(extra_cuda_cflags or [])
+    full = f"{name}_{_digest(paths, flags)}"
+    return full in _loaded or os.path.isfile(os.path.join(_root(), full, full + ".so"))
 
 
 def _digest(paths: Sequence[str], flags: Sequence[str]) -> str:

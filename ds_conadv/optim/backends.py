@@ -71,6 +71,9 @@ def _auto_order(device: torch.device):
 
 def get_kernels(name: str, device: torch.device):
     """The kernel set for ``name`` on ``device`` (cached). Explicit names raise; ``auto`` falls back."""
+    hit = _cache.get((name, device.type))  # every step asks: the cached answer first
+    if hit is not None:
+        return hit
     name = check_backend_name(name)
     key = (name, device.type)
     if key in _cache:

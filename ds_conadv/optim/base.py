@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
+from operator import is_not
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -11,6 +13,8 @@ from torch.optim import Optimizer
 from ds_conadv._registry import wrapper_resolvers
 
 from . import functional as F
+from ._step_plan import collect as _collect_planned
+from ._step_plan import layout_segments as _layout_segments
 from .backends import check_backend_name, get_kernels
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -251,30 +255,16 @@ class TrustRatioOptimizer(Optimizer):
 
     def _segments(self, index: int, group: dict, params, grads, states, models, steps) -> tuple:
         """Turn a group's tensors into :class:`Segments` (+ norm hook), honouring a segment layout."""
-        model_params = models if any(m is not None for m in models) else None
+        model_params = models if any(map(is_not, models, repeat(None))) else None  # C-level loop: host time
         entry = self._layouts.get(id(group["params"][0])) if group["params"] else None
         layout = entry[1] if entry is not None and entry[0] is group["params"][0] else None
         if layout is None:
-            return F.Segments(params, grads, states, torch.stack(steps), model_params), None
+            steps = steps if isinstance(steps, Tensor) else torch.stack(steps)
+            return F.Segments(params, grads, states, steps, model_params), None
         if len(params) != len(group["params"]):
             raise RuntimeError("a group with a segment layout needs a gradient on every param")
-        seg = F.Segments([], [], [[] for _ in states], steps[0], [] if model_params else None)
-        ids, seg_steps = [], []
-        for k, frags in enumerate(layout.fragments):
-            for offset, numel, norm_id in frags:
-                cut = slice(offset, offset + numel)
-                seg.params.append(params[k].view(-1)[cut])
-                seg.grads.append(grads[k].view(-1)[cut])
-                for dst, src in zip(seg.states, states):
-                    dst.append(src[k].view(-1)[cut])
-                if model_params:
-                    seg.model_params.append(models[k].view(-1)[cut])
-                ids.append(norm_id)
-                seg_steps.append(steps[k])
-        device = params[0].device
-        seg.steps = torch.stack(seg_steps) if seg_steps else torch.zeros(0, device=device)
-        seg.seg_ids = layout.device_ids(ids, device)
-        seg.num_ids = layout.num_ids
+        # the fragment views are cut once per layout and plan (ds_conadv/optim/_step_plan.py)
+        seg = _layout_segments(self, layout, params, grads, states, models, model_params, steps, F.Segments)
         return seg, layout.norm_hook
 
     # -- step ----------------------------------------------------------------------------------------------
@@ -342,7 +332,8 @@ class TrustRatioOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         state_init_only = self._check_wrapped()
-        collected = [self._collect(i, g) for i, g in enumerate(self.param_groups)]
+        # a cached plan per parameter set (ds_conadv/optim/_step_plan.py); steps: one vector per group
+        collected = [_collect_planned(self, i, g) for i, g in enumerate(self.param_groups)]
         if state_init_only:
             return loss
         kernels_per_group = [self._kernels(g, c[0]) for g, c in zip(self.param_groups, collected)]
@@ -357,10 +348,13 @@ class TrustRatioOptimizer(Optimizer):
             g_coef = None if coef is None else coef.to(device)
             g_skip = None if skip is None else skip.to(device)
             # the step counter only advances on steps that are applied
-            if g_skip is None:
+            increment = 1 if g_skip is None else (~g_skip).to(torch.float32)  # a device tensor: no host sync
+            if isinstance(steps, Tensor):  # a plan's vector, viewed by every state["step"]
+                steps.add_(increment)
+            elif g_skip is None:
                 torch._foreach_add_(steps, 1)
             else:  # a list of 0-d device tensors: the single-tensor-scalar overload syncs on CUDA
-                torch._foreach_add_(steps, [(~g_skip).to(torch.float32)] * len(steps))
+                torch._foreach_add_(steps, [increment] * len(steps))
             seg, hook = self._segments(index, group, params, grads, states, models, steps)
             self.trust_ratios.append(self._update(group, seg, kernels, g_coef, g_skip, hook))
         if skip is not None:

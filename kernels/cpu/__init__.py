@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["CppKernels", "CppKernelsUnavailable", "load", "compile_flags"]
+__all__ = ["CppKernels", "CppKernelsUnavailable", "load", "built", "compile_flags"]
 
 _SOURCES = ["cpu/trust_ops.cpp"]
 _lock = threading.Lock()
@@ -92,6 +92,20 @@ def load():
             _error = CppKernelsUnavailable(f"{type(exc).__name__}: {msg}")
             raise _error from exc
         return _module
+
+
+def built() -> bool:
+    """Whether :func:`load` would only import an earlier build (no compiler run): loaded, or on disk."""
+    if _module is not None:
+        return True
+    if os.environ.get("DS_CONADV_DISABLE_CPP", "0") not in ("", "0") or _error is not None:
+        return False
+    try:
+        from .._build import is_built
+
+        return is_built("ds_conadv_cpu_trust_ops", list(_SOURCES), extra_cflags=compile_flags())
+    except Exception:  # noqa: BLE001 - unreadable sources or cache: not built
+        return False
 
 
 def _check_cpu(seg) -> None:

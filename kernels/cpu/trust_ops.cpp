@@ -693,6 +693,49 @@ void lars_phase2(const std::vector<at::Tensor>& params, const std::vector<at::Te
 
 int64_t chunk_size() { return kChunk; }
 
+// ------------------------------------------------------------------------------------------------------
+// step plan checks (ds_conadv/optim/_step_plan.py): one call per group and step instead of a Python loop
+// ------------------------------------------------------------------------------------------------------
+// [n, 3] int64 per param: dtype code, data pointer, device (type * 65536 + index)
+at::Tensor plan_meta(const std::vector<at::Tensor>& params) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  at::Tensor out = at::empty({n, 3}, at::TensorOptions().dtype(at::kLong));
+  int64_t* d = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    d[3 * i] = static_cast<int64_t>(p.scalar_type());
+    d[3 * i + 1] = reinterpret_cast<int64_t>(p.data_ptr());
+    d[3 * i + 2] = static_cast<int64_t>(p.device().type()) * 65536 + p.device().index();
+  }
+  return out;
+}
+
+// -1 when every param still has the dtype, data pointer and device recorded in `meta` (plan_meta) and every
+// grad is defined, strided (not sparse) and has its param's dtype, device, sizes and strides; else the first
+// index where something differs (the caller then takes its slow path, which says what is wrong).
+int64_t plan_mismatch(const std::vector<at::Tensor>& params, const std::vector<c10::optional<at::Tensor>>& grads,
+                      const at::Tensor& meta) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  if (static_cast<int64_t>(grads.size()) != n || meta.dim() != 2 || meta.size(0) != n || meta.size(1) != 3 ||
+      meta.scalar_type() != at::kLong || !meta.is_contiguous() || !meta.device().is_cpu())
+    return 0;
+  const int64_t* d = meta.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    if (!p.defined() || static_cast<int64_t>(p.scalar_type()) != d[3 * i] ||
+        reinterpret_cast<int64_t>(p.data_ptr()) != d[3 * i + 1] ||
+        static_cast<int64_t>(p.device().type()) * 65536 + p.device().index() != d[3 * i + 2])
+      return i;
+    const auto& og = grads[i];
+    if (!og.has_value() || !og->defined()) return i;
+    const at::Tensor& g = *og;
+    if (g.layout() != at::kStrided || g.scalar_type() != p.scalar_type() || g.device() != p.device() ||
+        g.sizes() != p.sizes() || g.strides() != p.strides())
+      return i;
+  }
+  return -1;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -704,6 +747,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lars_phase1", &lars_phase1, "LARS pass 1: per-id [sum g^2, sum p^2] (float64)");
   m.def("lars_phase2", &lars_phase2, "LARS pass 2: momentum buffer and param update (+ model copy)");
   m.def("chunk_size", &chunk_size, "elements per work item");
+  m.def("plan_meta", &plan_meta, "per param [dtype code, data pointer, device] (int64 [n, 3])");
+  m.def("plan_mismatch", &plan_mismatch, "-1 when params match plan_meta and grads match their params, else an index");
 #if defined(__AVX512F__)
   m.attr("isa") = "avx512";
 #elif defined(__AVX2__)
