@@ -103,7 +103,7 @@ setup(
     extras_require={
         "triton": [TRITON],
         "deepspeed": [DEEPSPEED],
-        "test": ["pytest", "pytest-timeout", "scikit-learn", "matplotlib", TRITON, DEEPSPEED],
+        "test": ["pytest", "pytest-timeout", "scikit-learn", "matplotlib", TRITON, DEEPSPEED, "transformers>=5,<6", "accelerate>=1.10,<2", "lightning>=2.5,<3"],
         # timm requires torchvision, which is broken beside torch 2.13 here:
         # install it with `pip install --no-deps timm` (benchmarks load its
         # optim files directly, without importing the timm package).
