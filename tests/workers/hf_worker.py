@@ -3,7 +3,8 @@
 Prints one ``RESULT {json}`` line per case: the classes of the optimizer chain that stepped and the losses.
 ``--cases`` lists ``<route>:<stage>`` items; routes: ``cls`` (optimizer_cls_and_kwargs, guarded), ``adamw``
 (Trainer's default), ``dropped`` (optimizers=(LAMB, None), unguarded: Trainer swaps it), ``guard-dropped`` and
-``guard-json`` (the guard must refuse), ``accelerate`` (accelerator.prepare with LAMB).
+``guard-json`` (the guard must refuse), ``conadv`` (ConAdvTrainer, tau=1, embeddings), ``accelerate``
+(accelerator.prepare with LAMB; one per process: accelerate allows one DeepSpeed plugin per process).
 """
 import argparse
 import json
@@ -40,6 +41,16 @@ def ds_config(stage):
             "gradient_clipping": 0.0, "zero_optimization": {"stage": stage}}
 
 
+def trainer_args(out, deepspeed=None):
+    return TrainingArguments(out, per_device_train_batch_size=4, max_steps=4, learning_rate=LR, weight_decay=0.01,
+                             max_grad_norm=0.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                             deepspeed=deepspeed, disable_tqdm=True, seed=0)
+
+
+CONADV = {"enabled": True, "tau": 1, "perturb": "embeddings", "embedding_module": "bert.embeddings", "epsilon": 0.05,
+          "dual_bn": False}
+
+
 def chain(optimizer):
     names = []
     while optimizer is not None and len(names) < 8:
@@ -53,9 +64,7 @@ def run_trainer(route, stage, out):
     cfg = ds_config(stage)
     if route == "guard-json":
         cfg["optimizer"] = {"type": "LAMB", "params": {"lr": LR}}
-    args = TrainingArguments(out, per_device_train_batch_size=4, max_steps=4, learning_rate=LR, weight_decay=0.01,
-                             max_grad_norm=0.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                             deepspeed=cfg if stage >= 0 else None, disable_tqdm=True, seed=0)
+    args = trainer_args(out, cfg if stage >= 0 else None)
     kwargs = {}
     if route == "cls":
         kwargs["optimizer_cls_and_kwargs"] = (LAMB, {"lr": LR})
@@ -63,14 +72,22 @@ def run_trainer(route, stage, out):
         kwargs["optimizers"] = (LAMB(model.parameters(), lr=LR), None)
     if route in ("cls", "guard-dropped", "guard-json"):
         kwargs["callbacks"] = [OptimizerGuard()]
+    trainer_cls = Trainer
+    if route == "conadv":
+        from ds_conadv.integrations.hf import ConAdvTrainer
+
+        trainer_cls = ConAdvTrainer
+        kwargs.update(optimizer_cls_and_kwargs=(LAMB, {"lr": LR}), callbacks=[OptimizerGuard()],
+                      conadv=CONADV)
     try:
-        trainer = Trainer(model=model, args=args, train_dataset=dataset(), **kwargs)
+        trainer = trainer_cls(model=model, args=args, train_dataset=dataset(), **kwargs)
     except OptimizerSwapError as exc:
         return {"refused": str(exc)}
     trainer.train()
     ours = find_trust_optimizer(trainer.optimizer)
     return {"chain": chain(trainer.optimizer), "attached": bool(getattr(ours, "_ds_attached", False)),
-            "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
+            "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+            "stale_by": [e["conadv/stale_by"] for e in trainer.state.log_history if "conadv/stale_by" in e]}
 
 
 def run_accelerate(stage):
@@ -82,7 +99,7 @@ def run_accelerate(stage):
     cfg = ds_config(stage)
     cfg.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1)
     check_deepspeed_config(cfg)
-    accelerator = Accelerator(cpu=True, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg))
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg))
     model = tiny_bert()
     optimizer = LAMB(model.parameters(), lr=LR, weight_decay=0.01)
     loader = torch.utils.data.DataLoader(dataset(), batch_size=4)
