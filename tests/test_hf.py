@@ -78,7 +78,7 @@ def _assert_ours_not_adamw(result, adamw, wrapper):
 
 def test_trainer_deepspeed_one_rank(tmp_path):
     r = _worker(tmp_path, ["cls:1", "cls:2", "cls:3", "adamw:2", "dropped:2", "guard-dropped:2", "guard-json:2",
-                           "conadv:2", "conadv:3"])
+                           "conadv:2", "conadv:3", "registered:2"])
     adamw = r[("adamw:2", 0)]
     assert adamw["chain"][-1] == "AdamW"
     _assert_ours_not_adamw(r[("cls:1", 0)], adamw, "DeepSpeedZeroOptimizer")
@@ -90,6 +90,9 @@ def test_trainer_deepspeed_one_rank(tmp_path):
     assert dropped["chain"][-1] == "AdamW" and dropped["losses"] == adamw["losses"]
     assert "drops optimizers=(LAMB" in r[("guard-dropped:2", 0)]["refused"]
     assert "FusedLamb" in r[("guard-json:2", 0)]["refused"]
+    # a JSON type DeepSpeed resolves through torch.optim to our class passes the guard and steps ours
+    registered = r[("registered:2", 0)]
+    assert registered["chain"][-2:] == ["DeepSpeedZeroOptimizer", "LAMB"] and registered["attached"]
     # ConAdvTrainer under ZeRO-2 trains as without DeepSpeed (up to summation order: measured 1.6e-5); ZeRO-3 too
     plain = ConAdvTrainer(model=hf_worker.tiny_bert(), args=hf_worker.trainer_args(str(tmp_path / "plain")),
                           train_dataset=hf_worker.dataset(), optimizer_cls_and_kwargs=(LAMB, {"lr": LR}),

@@ -110,12 +110,25 @@ def _deepspeed_section_type(config: Dict[str, Any]) -> Optional[str]:
     return str(section.get("type", "")) if isinstance(section, dict) else repr(section)
 
 
+def _deepspeed_resolves_to_ours(kind: str) -> bool:
+    """DeepSpeed builds a type that is not one of its own names as ``getattr(torch.optim, type)``: ours when a
+    LAMB/LARS class was registered there under that name."""
+    try:
+        from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    except ImportError:
+        return False
+    cls = getattr(torch.optim, kind, None)
+    return (kind.lower() not in DEEPSPEED_OPTIMIZERS and isinstance(cls, type)
+            and issubclass(cls, TrustRatioOptimizer))
+
+
 def check_deepspeed_config(config: Dict[str, Any]) -> None:
     """Raise :class:`OptimizerSwapError` when a DeepSpeed config (the dict transformers/accelerate pass to
-    ``deepspeed.initialize``) would make DeepSpeed build its own optimizer in place of ours: any
-    ``"optimizer"`` section. ``"LAMB"`` there is DeepSpeed's FusedLamb, not ds_conadv's."""
+    ``deepspeed.initialize``) would make DeepSpeed build its own optimizer in place of ours: an ``"optimizer"``
+    section, unless its type resolves to a LAMB/LARS registered in ``torch.optim`` under a name that is not one of
+    DeepSpeed's. ``"LAMB"`` there is DeepSpeed's FusedLamb, not ds_conadv's."""
     kind = _deepspeed_section_type(config)
-    if kind is None:
+    if kind is None or _deepspeed_resolves_to_ours(kind):
         return
     what = "FusedLamb (CUDA only; trust ratios over ZeRO partitions)" if "lamb" in kind.lower() else "own optimizer"
     raise OptimizerSwapError(
@@ -144,7 +157,8 @@ class OptimizerGuard(TrainerCallback):
         if optimizer is not None:
             raise OptimizerSwapError(
                 f"Trainer with DeepSpeed drops optimizers=({type(optimizer).__name__}(...), ...) and builds "
-                f"TrainingArguments.optim ({getattr(args.optim, 'value', args.optim)}) instead (transformers' deepspeed_init): {_FIX}")
+                f"TrainingArguments.optim ({getattr(args.optim, 'value', args.optim)}) instead (transformers' "
+                f"deepspeed_init): {_FIX}")
         return control
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):

@@ -3,7 +3,8 @@
 Prints one ``RESULT {json}`` line per case: the classes of the optimizer chain that stepped and the losses.
 ``--cases`` lists ``<route>:<stage>`` items; routes: ``cls`` (optimizer_cls_and_kwargs, guarded), ``adamw``
 (Trainer's default), ``dropped`` (optimizers=(LAMB, None), unguarded: Trainer swaps it), ``guard-dropped`` and
-``guard-json`` (the guard must refuse), ``conadv`` (ConAdvTrainer, tau=1, embeddings), ``accelerate``
+``guard-json`` (the guard must refuse), ``registered`` (a JSON type naming a LAMB registered in
+torch.optim), ``conadv`` (ConAdvTrainer, tau=1, embeddings), ``accelerate``
 (accelerator.prepare with LAMB; one per process: accelerate allows one DeepSpeed plugin per process).
 """
 import argparse
@@ -64,13 +65,17 @@ def run_trainer(route, stage, out):
     cfg = ds_config(stage)
     if route == "guard-json":
         cfg["optimizer"] = {"type": "LAMB", "params": {"lr": LR}}
+    if route == "registered":  # DeepSpeed looks names it does not know up in torch.optim
+        torch.optim.DsConadvLAMB = LAMB
+        cfg.update(optimizer={"type": "DsConadvLAMB", "params": {"lr": "auto", "weight_decay": "auto"}},
+                   zero_allow_untested_optimizer=True)
     args = trainer_args(out, cfg if stage >= 0 else None)
     kwargs = {}
     if route == "cls":
         kwargs["optimizer_cls_and_kwargs"] = (LAMB, {"lr": LR})
     elif route in ("dropped", "guard-dropped"):
         kwargs["optimizers"] = (LAMB(model.parameters(), lr=LR), None)
-    if route in ("cls", "guard-dropped", "guard-json"):
+    if route in ("cls", "guard-dropped", "guard-json", "registered"):
         kwargs["callbacks"] = [OptimizerGuard()]
     trainer_cls = Trainer
     if route == "conadv":
