@@ -105,6 +105,13 @@ def test_trainer_deepspeed_one_rank(tmp_path):
     assert r[("conadv:3", 0)]["losses"] == pytest.approx(_losses(plain), rel=1e-2)
 
 
+@pytest.mark.xfail(strict=True, reason="attach() takes DeepSpeedZeroOptimizer_Stage3 (it has .module and .optimizer) "
+                   "for an engine when our optimizer attaches itself at its first step: no segment layouts at ZeRO-3")
+def test_trainer_deepspeed_zero3_is_exact(tmp_path):
+    r = _worker(tmp_path, ["cls:2", "cls:3"])
+    assert r[("cls:3", 0)]["losses"] == pytest.approx(r[("cls:2", 0)]["losses"], rel=1e-5)
+
+
 def test_trainer_deepspeed_two_ranks(tmp_path):
     r = _worker(tmp_path, ["cls:2", "cls:3", "adamw:2", "conadv:2"], nproc=2)
     for case, wrapper in (("cls:2", "DeepSpeedZeroOptimizer"), ("cls:3", "DeepSpeedZeroOptimizer_Stage3")):
