@@ -109,7 +109,9 @@ setup(
     extras_require={
         "triton": [TRITON],
         "deepspeed": [DEEPSPEED_RANGE],
-        "test": ["pytest", "pytest-timeout", "scikit-learn", "matplotlib", TRITON, DEEPSPEED],
+        "test": ["pytest", "pytest-timeout", "scikit-learn", "matplotlib", TRITON, DEEPSPEED,
+                 # the HF Trainer / accelerate / Lightning routes (tests/test_hf.py, tests/test_lightning.py)
+                 "transformers>=5,<6", "accelerate>=1.10,<2", "lightning>=2.5,<3"],
         # ruff (lint + format) and mypy on the library: scripts/lint.sh (run by scripts/test.sh)
         "lint": ["ruff==0.17.5", "mypy==2.4.1"],
         # timm requires torchvision, which is broken beside torch 2.13 here:

@@ -1,9 +1,11 @@
 """LAMB (You et al., 2019) with the knobs of apex FusedLAMB, DeepSpeed FusedLamb, timm and ColossalAI."""
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Tuple
 
 from . import functional as F
+from .aliases import LAMB_RENAMES, resolve
 from .base import TrustRatioOptimizer, _check_bool, _check_float
 
 
@@ -36,6 +38,9 @@ class LAMB(TrustRatioOptimizer):
         master_weights: keep an fp32 master copy of bf16/fp16 params (state is fp32 in any case).
         backend: ``"auto"``, ``"reference"``, ``"foreach"``, ``"cpp"``, ``"triton"`` or ``"cuda"``
             (see :mod:`ds_conadv.optim.backends`).
+        **aliases: names from other libraries (:mod:`ds_conadv.optim.aliases`): DeepSpeed ``max_coeff`` /
+            ``min_coeff``, apex ``use_nvlamb``, torch ``foreach`` / ``fused`` (as ``backend``); switches such as
+            timm's ``caution`` only at the value that is our behaviour. Others: TypeError with "did you mean".
 
     Works with ``torch.amp.GradScaler`` (unscaling and inf/NaN skipping happen inside the step) and LR
     schedulers; ``lr`` may be a 0-d tensor. After each step, ``trust_ratios[i]`` holds group i's per-tensor
@@ -49,13 +54,15 @@ class LAMB(TrustRatioOptimizer):
                  adam_w_mode: bool = True, always_adapt: bool = False, trust_clip: bool = False,
                  min_trust_ratio: Optional[float] = None, max_trust_ratio: Optional[float] = None,
                  max_grad_norm: Optional[float] = None, master_weights: bool = False, backend: str = "auto",
-                 skip_nonfinite: bool = True):
+                 skip_nonfinite: bool = True, **aliases):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, grad_averaging=grad_averaging, adam_w_mode=adam_w_mode,
                         always_adapt=always_adapt, trust_clip=trust_clip, min_trust_ratio=min_trust_ratio,
                         max_trust_ratio=max_trust_ratio, max_grad_norm=max_grad_norm,
                         master_weights=master_weights, backend=backend,
                         skip_nonfinite=skip_nonfinite)
+        if aliases:
+            defaults = resolve(type(self).__name__, defaults, aliases, LAMB_RENAMES, _LAMB_DEFAULTS)
         super().__init__(params, defaults)
 
     def _validate_hyperparameters(self, group: dict) -> None:
@@ -87,3 +94,7 @@ class LAMB(TrustRatioOptimizer):
             always_adapt=group["always_adapt"], trust_clip=group["trust_clip"],
             min_trust_ratio=group["min_trust_ratio"], max_trust_ratio=group["max_trust_ratio"],
             grad_coef=coef, skip=skip, norm_hook=hook)
+
+
+_LAMB_DEFAULTS = {name: p.default for name, p in inspect.signature(LAMB.__init__).parameters.items()
+                  if p.default is not inspect.Parameter.empty}

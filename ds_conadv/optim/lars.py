@@ -1,9 +1,11 @@
 """LARS (You et al., 2017) with the knobs of apex LARC, timm Lars and the MLPerf ResNet recipe."""
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 from . import functional as F
+from .aliases import LARS_RENAMES, resolve
 from .base import TrustRatioOptimizer, _check_bool, _check_float
 
 
@@ -22,7 +24,9 @@ class LARS(TrustRatioOptimizer):
 
     Args: as :class:`torch.optim.SGD` plus ``trust_coefficient`` (eta), ``eps``, ``trust_clip``,
     ``always_adapt``, ``max_grad_norm`` (global clipping), ``skip_nonfinite`` (inf/NaN gradients skip the step),
-    ``master_weights`` and ``backend`` (see :class:`~ds_conadv.optim.LAMB`).
+    ``master_weights`` and ``backend`` (see :class:`~ds_conadv.optim.LAMB`). Aliases: timm's ``trust_coeff`` and
+    ``eta`` for ``trust_coefficient``, torch's ``foreach`` / ``fused`` for ``backend``
+    (:mod:`ds_conadv.optim.aliases`).
     """
 
     _state_names = ("momentum_buffer",)
@@ -31,11 +35,13 @@ class LARS(TrustRatioOptimizer):
                  weight_decay: float = 1e-4, nesterov: bool = False, trust_coefficient: float = 0.001,
                  eps: float = 1e-8, trust_clip: bool = False, always_adapt: bool = False,
                  max_grad_norm: Optional[float] = None, master_weights: bool = False, backend: str = "auto",
-                 skip_nonfinite: bool = True):
+                 skip_nonfinite: bool = True, **aliases):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip,
                         always_adapt=always_adapt, max_grad_norm=max_grad_norm, master_weights=master_weights,
                         backend=backend, skip_nonfinite=skip_nonfinite)
+        if aliases:
+            defaults = resolve(type(self).__name__, defaults, aliases, LARS_RENAMES, _LARS_DEFAULTS)
         super().__init__(params, defaults)
 
     def _validate_hyperparameters(self, group: dict) -> None:
@@ -60,3 +66,7 @@ class LARS(TrustRatioOptimizer):
             weight_decay=group["weight_decay"], nesterov=group["nesterov"],
             trust_coefficient=group["trust_coefficient"], eps=group["eps"], trust_clip=group["trust_clip"],
             always_adapt=group["always_adapt"], grad_coef=coef, skip=skip, norm_hook=hook)
+
+
+_LARS_DEFAULTS = {name: p.default for name, p in inspect.signature(LARS.__init__).parameters.items()
+                  if p.default is not inspect.Parameter.empty}
