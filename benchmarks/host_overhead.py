@@ -115,13 +115,15 @@ def run(args) -> Dict:
         print(f"  {name:<5} {len(shapes)} tensors: median {r['median_us']:8.1f} us  p10 {r['p10_us']:8.1f}  "
               f"p90 {r['p90_us']:8.1f}", flush=True)
     report = {
-        "benchmark": "host_overhead", "paramset": args.paramset, "zero_layout": args.zero_layout, "n_tensors": len(shapes), "dtype": args.dtype,
+        "benchmark": "host_overhead", "paramset": args.paramset, "zero_layout": args.zero_layout,
+        "n_tensors": len(shapes), "dtype": args.dtype,
         "threads": args.threads, "machine_label": args.machine_label, "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load_avg": {"before": list(load_before), "after": list(os.getloadavg())}, "results": results,
     }
     if not args.no_json:
-        out = args.json_out or os.path.join(RESULTS_DIR, f"host_overhead-{args.paramset}-{args.dtype}{'-zero' if args.zero_layout else ''}.json")
+        tag = f"{args.paramset}-{args.dtype}{'-zero' if args.zero_layout else ''}"
+        out = args.json_out or os.path.join(RESULTS_DIR, f"host_overhead-{tag}.json")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w", encoding="utf-8") as f:
             f.write(json.dumps(report, indent=2) + "\n")

@@ -165,7 +165,8 @@ def test_host_overhead_benchmark_runs_with_noop_kernels(tmp_path):
     try:
         for extra in ([], ["--zero-layout"]):
             out = tmp_path / "h.json"
-            assert mod.main(["--paramset", "resnet50", "--steps", "3", "--warmup", "1", "--json", str(out)] + extra) == 0
+            args = ["--paramset", "resnet50", "--steps", "3", "--warmup", "1", "--json", str(out)]
+            assert mod.main(args + extra) == 0
             rep = json.loads(out.read_text())
             assert rep["n_tensors"] == 161 and [r["name"] for r in rep["results"]] == ["LAMB", "LARS"]
             assert all(r["median_us"] > 0 for r in rep["results"]) and rep["zero_layout"] == bool(extra)

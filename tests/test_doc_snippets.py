@@ -4,7 +4,6 @@ The process stands in for a one-rank launcher (RANK/WORLD_SIZE/MASTER_* set, Dee
 DeepSpeed's inference-only shm op not JIT-built), runs in an empty directory, and keeps the checkout root off
 ``sys.path`` (as for an installed package). Add a page to PAGES to put its snippets under test.
 """
-import os
 import re
 import sys
 from pathlib import Path
