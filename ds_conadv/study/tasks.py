@@ -12,8 +12,8 @@ large-batch generalisation gap shows up at a fixed epoch budget.
 * ``digits``  — scikit-learn's bundled 8x8 handwritten digits, upsampled to 16x16 under random affine
   transforms, noise and an occluding blob; the writers' images are split *before* rendering, so a test image
   never shares its source digit with a training image.
-* ``motifs``  — token sequences (length 24, vocabulary 48, 8 classes): 3 keywords of the class and 1-2 of a
-  decoy class among filler tokens; the class is the one with the most keywords.
+* ``motifs``  — token sequences (length 24, vocabulary 48, 8 classes): 3 keywords of the class and 2 of each of
+  two decoy classes among filler tokens; the class is the one with the most keywords (counting, not spotting).
 """
 from __future__ import annotations
 
@@ -172,18 +172,18 @@ def _motif_table(seed: int) -> np.ndarray:
 
 
 def _motifs(n: int, rng: np.random.Generator, table: np.ndarray):
-    """Filler tokens, 3 keywords of the class (drawn with replacement from its 3) and 1-2 keywords of a decoy
-    class, at random places; the class is the one with the most keywords."""
+    """Filler tokens, 3 keywords of the class (drawn with replacement from its 3) and 2 keywords of each of two
+    decoy classes, at random places; the class is the one with the most keywords."""
     keywords = set(table.ravel().tolist())
     filler = np.array([t for t in range(_VOCAB) if t not in keywords])
     y = rng.integers(0, _NCLS, n)
     x = filler[rng.integers(0, len(filler), (n, _LEN))]
     for i in range(n):
-        other = (y[i] + rng.integers(1, _NCLS)) % _NCLS
-        n_decoy = rng.integers(1, 3)
-        slots = rng.choice(_LEN, 3 + n_decoy, replace=False)
+        decoys = (y[i] + rng.choice(np.arange(1, _NCLS), 2, replace=False)) % _NCLS
+        slots = rng.choice(_LEN, 7, replace=False)
         x[i, slots[:3]] = table[y[i], rng.integers(0, _KEYS, 3)]
-        x[i, slots[3:]] = table[other, rng.integers(0, _KEYS, n_decoy)]
+        x[i, slots[3:5]] = table[decoys[0], rng.integers(0, _KEYS, 2)]
+        x[i, slots[5:]] = table[decoys[1], rng.integers(0, _KEYS, 2)]
     return x, y
 
 
