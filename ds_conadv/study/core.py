@@ -15,6 +15,10 @@ BN modes of the adversarial forward (``adv.bn``):
 * ``mixed``         — one BN, one forward over the concatenated clean + adversarial batch (statistics over the
   mixture, running statistics of the mixture).
 
+Loss scale (``adv.normalize_loss``): the paper's loss is ``clean + adv_weight * adv``, which doubles the
+gradient of every parameter the trust ratio does not rescale (BN, biases: LARS's excluded group) compared with
+the vanilla run whose LR was tuned; ``normalize_loss`` divides by ``1 + adv_weight`` instead.
+
 Staleness guard (``adv.guard_drift``): before using a stale example, the relative weight change since it was
 generated, ``sum over the stale steps of ||w_{s+1} - w_s|| / ||w_s||``, is compared with the threshold; above it,
 the example is regenerated now with the current weights (a DisAdv step). ``guard_counts`` in the result says how
@@ -60,13 +64,22 @@ def adv_config(task: Task, adv: Dict[str, Any]) -> ConAdvConfig:
 class StudyTrainer(ConAdvTrainer):
     """ConAdvTrainer with the study's BN modes and the staleness guard."""
 
-    def __init__(self, *args, bn_mode: str = "dual", guard_drift: Optional[float] = None, **kwargs):
+    def __init__(self, *args, bn_mode: str = "dual", guard_drift: Optional[float] = None,
+                 normalize_loss: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.bn_mode = bn_mode
+        self.normalize_loss = normalize_loss
         self.guard_drift = guard_drift
         self.drifts: collections.deque = collections.deque(maxlen=64)
         self.guard_counts = {"checked": 0, "regenerated": 0}
         self._params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # normalize_loss: (clean + w * adv) / (1 + w), the gradient scale of a vanilla step, so an LR tuned
+        # without adversarial examples stays valid for the parameters outside the trust ratio
+        if self.normalize_loss and self.last_batch is not None and self.last_batch.x_adv is not None:
+            loss = loss / (1.0 + self.cfg.adv_weight)
+        loss.backward()
 
     def forward_backward(self, x, y, x_adv):
         if x_adv is not None and self.guard_drift is not None and self.last_batch.stale_by:
@@ -173,7 +186,8 @@ def run_spec(spec: Dict[str, Any], task: Task, split: str = "val", robustness: b
     warm = int(round(spec.get("warmup_epochs", 0) * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, warm))
     trainer = StudyTrainer(model, opt, cfg=cfg, lr_scheduler=sched, seed=seed, steps_per_epoch=steps_per_epoch,
-                           bn_mode=(adv or {}).get("bn", "dual"), guard_drift=(adv or {}).get("guard_drift"))
+                           bn_mode=(adv or {}).get("bn", "dual"), guard_drift=(adv or {}).get("guard_drift"),
+                           normalize_loss=bool((adv or {}).get("normalize_loss", False)))
     stream = _batches(task.x_train, task.y_train, batch, seed)
     t0 = time.perf_counter()
     diverged = False

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 __all__ = ["main", "suite_settings", "REGIMES"]
 
 REGIMES = ("sgd_small", "lars", "lamb", "lars+disadv", "lars+conadv_t1", "lars+conadv_t2", "lars+conadv_t4",
-           "absa_default", "absa_eig")
+           "lars+disadv_mean", "lars+conadv_t1_mean", "lars+conadv_t2_mean", "absa_default", "absa_eig")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,9 +122,9 @@ def _work(item: Tuple[Dict[str, Any], str, bool, str]) -> Dict[str, Any]:
 
 
 class Runner:
-    def __init__(self, out: str, jobs: int = 1, progress: bool = True):
-        self.out, self.jobs, self.progress = out, jobs, progress
-        self.skipped = self.ran = 0
+    def __init__(self, out: str, jobs: int = 1, progress: bool = True, load_only: bool = False):
+        self.out, self.jobs, self.progress, self.load_only = out, jobs, progress, load_only
+        self.skipped = self.ran = self.missing = 0
 
     def path(self, spec, split) -> str:
         d = os.path.join(self.out, "runs", spec["task"])
@@ -144,6 +144,9 @@ class Runner:
                 self.skipped += 1
             else:
                 todo.append((i, (spec, split, robust, p)))
+        if self.load_only:                      # summarise what exists; missing runs stay None
+            self.missing += len(todo)
+            return results  # type: ignore[return-value]
         bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="run", file=sys.stderr,
                    disable=not self.progress, dynamic_ncols=True)
         try:
@@ -174,16 +177,17 @@ def _label(spec: Dict[str, Any]) -> str:
 
 
 def _best(records: List[Dict[str, Any]], candidates: List[Any]) -> Any:
-    """The candidate with the highest validation accuracy (the first one on ties)."""
-    scores = [r["result"]["val_acc"] for r in records]
+    """The candidate with the highest validation accuracy (the first one on ties; missing runs score -1)."""
+    scores = [r["result"]["val_acc"] if r else -1.0 for r in records]
     return candidates[max(range(len(scores)), key=lambda i: (scores[i], -i))]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # phases
 # ----------------------------------------------------------------------------------------------------------
-def tune(runner: Runner, s: Dict[str, Any], task: str) -> Dict[str, Dict[str, Any]]:
-    """Chosen spec (without seed) per regime, from seed-0 validation accuracy."""
+def tune(runner: Runner, s: Dict[str, Any], task: str, adversarial: bool = True) -> Dict[str, Dict[str, Any]]:
+    """Chosen spec (without seed) per regime, from seed-0 validation accuracy (the adversarial regimes' epsilon
+    only when ``adversarial``)."""
     g = s["grids"]
     sb, lb = s["small_batch"], s["large_batch"]
     cand = {"sgd_small": [_base(s, task, "sgd", sb, lr) for lr in g["sgd_lr"]],
@@ -199,24 +203,29 @@ def tune(runner: Runner, s: Dict[str, Any], task: str) -> Dict[str, Dict[str, An
     for k in {k for k, _ in flat}:
         rs = [r for (kk, _), r in zip(flat, recs) if kk == k]
         chosen[k] = _best(rs, cand[k])
-        tuning[k] = [(c["lr"], r["result"]["val_acc"], r["result"]["train_acc"]) for c, r in zip(cand[k], rs)]
+        tuning[k] = [(c["lr"], r["result"]["val_acc"], r["result"]["train_acc"]) for c, r in zip(cand[k], rs) if r]
     lars = chosen["lars"]
     eps_grid = g["epsilon"][_kind(task)]
-    adv_cand = {"lars+conadv_t1": [dict(lars, adv=_adv(e, 1)) for e in eps_grid]}
-    flat = [(k, c) for k, cs in adv_cand.items() for c in cs] if len(eps_grid) > 1 else []
+    # "_mean": the loss (clean + w adv) / (1 + w) instead of the paper's sum (see ds_conadv.study.core)
+    adv_cand = {"lars+conadv_t1": [dict(lars, adv=_adv(e, 1)) for e in eps_grid],
+                "lars+conadv_t1_mean": [dict(lars, adv=_adv(e, 1, normalize_loss=True)) for e in eps_grid]}
+    flat = [(k, c) for k, cs in adv_cand.items() for c in cs] if len(eps_grid) > 1 and adversarial else []
     if not flat:
-        chosen["lars+conadv_t1"], tuning["lars+conadv_t1"] = adv_cand["lars+conadv_t1"][0], "fixed"
+        for k in adv_cand:
+            chosen[k], tuning[k] = adv_cand[k][0], "fixed"
     recs = runner.run([(dict(c, seed=0), "val", False) for _, c in flat], f"tune {task} adv")
     for k in {k for k, _ in flat}:
         rs = [r for (kk, _), r in zip(flat, recs) if kk == k]
         chosen[k] = _best(rs, adv_cand[k])
         tuning[k] = [(c["adv"]["epsilon"], r["result"]["val_acc"], r["result"]["train_acc"])
-                     for c, r in zip(adv_cand[k], rs)]
-    chosen["lars+disadv"] = copy.deepcopy(chosen["lars+conadv_t1"])
-    chosen["lars+disadv"]["adv"]["tau"] = 0
-    for tau in (2, 4):
-        chosen[f"lars+conadv_t{tau}"] = copy.deepcopy(chosen["lars+conadv_t1"])
-        chosen[f"lars+conadv_t{tau}"]["adv"]["tau"] = tau
+                     for c, r in zip(adv_cand[k], rs) if r]
+    for suffix in ("", "_mean"):
+        chosen[f"lars+disadv{suffix}"] = copy.deepcopy(chosen[f"lars+conadv_t1{suffix}"])
+        chosen[f"lars+disadv{suffix}"]["adv"]["tau"] = 0
+        for tau in (2, 4):
+            if f"lars+conadv_t{tau}{suffix}" in REGIMES:
+                chosen[f"lars+conadv_t{tau}{suffix}"] = copy.deepcopy(chosen[f"lars+conadv_t1{suffix}"])
+                chosen[f"lars+conadv_t{tau}{suffix}"]["adv"]["tau"] = tau
     sgd = chosen["sgd_small"]
     a = dict(s["absa"], epsilon=s["absa"]["epsilon"][_kind(task)])
     chosen["absa_default"] = dict(sgd, absa=dict(a, **s["absa_default_eig"]))
@@ -234,7 +243,8 @@ def final(runner: Runner, s: Dict[str, Any], task: str, chosen: Dict[str, Dict[s
     recs = runner.run(items, f"final {task}")
     out: Dict[str, List[Dict[str, Any]]] = {}
     for k, r in zip(keys, recs):
-        out.setdefault(k, []).append(r)
+        if r is not None:
+            out.setdefault(k, []).append(r)
     return out
 
 
@@ -248,7 +258,20 @@ def variant_specs(s: Dict[str, Any], task: str, chosen: Dict[str, Dict[str, Any]
         v["adv"].update(kw)
         return v
 
-    v: Dict[str, Dict[str, Any]] = {"conadv_t1 (chosen)": copy.deepcopy(c1)}
+    d0 = chosen["lars+disadv"]
+    v: Dict[str, Dict[str, Any]] = {
+        "conadv_t1 (chosen)": copy.deepcopy(c1),
+        "tau 0 (DisAdv)": copy.deepcopy(d0),
+        "tau 1, LARS lr x0.5": dict(copy.deepcopy(c1), lr=c1["lr"] * 0.5),
+        "tau 1, loss normalised": with_adv(normalize_loss=True),
+        "tau 0, loss normalised": dict(copy.deepcopy(d0), adv=dict(d0["adv"], normalize_loss=True)),
+        "excluded params LR x0.1": dict(copy.deepcopy(c1), excl_lr_mult=0.1),
+        "staleness guard 0.05": with_adv(guard_drift=0.05),
+        "tau 0, LARS lr x0.5": dict(copy.deepcopy(d0), lr=c1["lr"] * 0.5),
+        "tau 1, LARS lr x2": dict(copy.deepcopy(c1), lr=c1["lr"] * 2),
+        "lamb + conadv tau 1": dict(copy.deepcopy(chosen["lamb"]), adv=copy.deepcopy(c1["adv"])),
+        "lamb + disadv": dict(copy.deepcopy(chosen["lamb"]), adv=dict(copy.deepcopy(c1["adv"]), tau=0)),
+    }
     if _kind(task) == "image":
         v.update({"bn shared": with_adv(bn="shared"), "bn shared, adv out of running stats":
                   with_adv(bn="shared_frozen"), "bn mixed (one forward)": with_adv(bn="mixed")})
@@ -260,12 +283,6 @@ def variant_specs(s: Dict[str, Any], task: str, chosen: Dict[str, Dict[str, Any]
         "adv_weight 0.5": with_adv(adv_weight=0.5),
         "adversarial from the end of warm-up": with_adv(start_epoch=s["warmup_epochs"]),
         "adversarial stops at half the epochs": with_adv(stop_epoch=max(s["epochs"] // 2, 1)),
-        "excluded params LR x0.1": dict(copy.deepcopy(c1), excl_lr_mult=0.1),
-        "staleness guard 0.05": with_adv(guard_drift=0.05),
-        "tau 1, LARS lr x2": dict(copy.deepcopy(c1), lr=c1["lr"] * 2),
-        "tau 0, LARS lr x2": dict(copy.deepcopy(chosen["lars+disadv"]), lr=c1["lr"] * 2),
-        "lamb + conadv tau 1": dict(copy.deepcopy(chosen["lamb"]), adv=copy.deepcopy(c1["adv"])),
-        "lamb + disadv": dict(copy.deepcopy(chosen["lamb"]), adv=dict(copy.deepcopy(c1["adv"]), tau=0)),
     })
     for samples, ema in ((128, 0.0), (512, 0.0), (1024, 0.0), (1024, 0.5)):
         v[f"absa eig {samples} samples, ema {ema}"] = dict(copy.deepcopy(chosen["absa_default"]),
@@ -289,7 +306,8 @@ def sweep(runner: Runner, s: Dict[str, Any], task: str, chosen) -> Dict[str, Lis
     recs = runner.run(items, f"sweep {task}")
     out: Dict[str, List[Dict[str, Any]]] = {}
     for k, r in zip(keys, recs):
-        out.setdefault(k, []).append(r)
+        if r is not None:
+            out.setdefault(k, []).append(r)
     return out
 
 
@@ -464,9 +482,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", default=None, help="summary JSON (default benchmarks/results/reproduce[_quick].json)")
     p.add_argument("--plots", default=None, help="folder of the PNGs (default docs/img; with --quick: next to "
                                                  "the summary)")
+    p.add_argument("--variants", default=None, help="comma-separated subset of the variant names (substring match)")
     p.add_argument("--markdown", default=None, help="also write the tables as Markdown to this file")
     p.add_argument("--jobs", type=int, default=1, help="parallel runs (processes, 1 thread each)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--load-only", action="store_true", help="run nothing: summarise the runs that exist (what is "
+                                                            "missing is counted and left out)")
     return p
 
 
@@ -497,13 +518,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plots = args.plots or (os.path.dirname(summary_path) or "." if args.quick else os.path.join("docs", "img"))
     os.makedirs(plots, exist_ok=True)
     os.makedirs(os.path.dirname(summary_path) or ".", exist_ok=True)
-    runner = Runner(out, args.jobs, progress=not args.no_progress)
+    runner = Runner(out, args.jobs, progress=not args.no_progress, load_only=args.load_only)
     t0 = time.perf_counter()
     summary: Dict[str, Any] = {"settings": s, "phases": sorted(phases), "tasks": {}}
     fin_all, sweeps = {}, {}
     for task in s["tasks"]:
         entry: Dict[str, Any] = {}
-        tuned = tune(runner, s, task)
+        adversarial = ("variants" in phases and task in s["variants_tasks"]) or any("adv" in r for r in regimes)
+        tuned = tune(runner, s, task, adversarial)
         entry["chosen"], entry["tuning"] = tuned["chosen"], tuned["tuning"]
         if "final" in phases:
             fin = final(runner, s, task, tuned["chosen"], regimes)
@@ -511,11 +533,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             entry["final"] = summarize_final(fin)
         if "variants" in phases and task in s["variants_tasks"]:
             vs = variant_specs(s, task, tuned["chosen"])
+            if args.variants:
+                wanted = [w.strip() for w in args.variants.split(",") if w.strip()]
+                vs = {n: v for n, v in vs.items() if any(w in n for w in wanted)}
             items = [(dict(v, seed=seed), "val", False) for v in vs.values() for seed in range(s["variant_seeds"])]
             recs = runner.run(items, f"variants {task}")
             names = [n for n in vs for _ in range(s["variant_seeds"])]
             table: Dict[str, Any] = {}
             for n, r in zip(names, recs):
+                if r is None:
+                    continue
                 res = r["result"]
                 row = table.setdefault(n, {"val_acc": [], "train_acc": [], "diverged": 0, "wall_time_s": []})
                 row["val_acc"].append(100 * res["val_acc"])
@@ -543,6 +570,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if sweeps:
         summary["plots"]["sweep"] = plot_sweep(sweeps, os.path.join(plots, f"reproduce_sweep{suffix}.png"))
     summary["runs_executed"], summary["runs_loaded"] = runner.ran, runner.skipped
+    summary["runs_missing"] = runner.missing
     summary["wall_time_s"] = time.perf_counter() - t0
     with open(summary_path, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1, default=float)
