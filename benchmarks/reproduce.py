@@ -1,7 +1,7 @@
 """The reproduction study (docs/reproduction.md): ``python benchmarks/reproduce.py [--quick] [--jobs 2] ...``.
 
 A thin entry to :func:`ds_conadv.study.runner.main` (also ``python -m ds_conadv.study``). Resumable: finished runs
-are JSON files under benchmarks/results/study/ and are skipped on a rerun; the summary is
+are JSON files under benchmarks/results/study/records/ and are skipped on a rerun; the summary is
 benchmarks/results/reproduce.json and the plots docs/img/reproduce_*.png.
 """
 import os

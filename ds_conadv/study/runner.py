@@ -12,7 +12,7 @@
    and ABSA's eigenvalue sample size / smoothing.
 4. **sweep**: test accuracy against the batch size for LARS and LAMB (seed 0, LR scaled by sqrt of the batch).
 
-Resumable: each finished run is one JSON under ``<out>/runs/<task>/`` keyed by its spec; a rerun skips it.
+Resumable: each finished run is one JSON under ``<out>/records/<task>/`` keyed by its spec; a rerun skips it.
 The summary goes to ``<out>/../reproduce[_quick].json`` and the plots to ``--plots``.
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 __all__ = ["main", "suite_settings", "REGIMES"]
 
 REGIMES = ("sgd_small", "lars", "lamb", "lars+disadv", "lars+conadv_t1", "lars+conadv_t2", "lars+conadv_t4",
-           "lars+disadv_mean", "lars+conadv_t1_mean", "lars+conadv_t2_mean", "absa_default", "absa_eig")
+           "lars+disadv_mean", "lars+conadv_t1_mean", "lars+conadv_t2_mean", "lamb+disadv", "lamb+conadv_t1",
+           "absa_default", "absa_eig")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ class Runner:
         self.skipped = self.ran = self.missing = 0
 
     def path(self, spec, split) -> str:
-        d = os.path.join(self.out, "runs", spec["task"])
+        d = os.path.join(self.out, "records", spec["task"])
         os.makedirs(d, exist_ok=True)
         return os.path.join(d, run_key(spec, split) + ".json")
 
@@ -185,7 +186,7 @@ def _best(records: List[Dict[str, Any]], candidates: List[Any]) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 # phases
 # ----------------------------------------------------------------------------------------------------------
-def tune(runner: Runner, s: Dict[str, Any], task: str, adversarial: bool = True) -> Dict[str, Dict[str, Any]]:
+def tune(runner: Runner, s: Dict[str, Any], task: str, adversarial: Any = True) -> Dict[str, Dict[str, Any]]:
     """Chosen spec (without seed) per regime, from seed-0 validation accuracy (the adversarial regimes' epsilon
     only when ``adversarial``)."""
     g = s["grids"]
@@ -209,10 +210,11 @@ def tune(runner: Runner, s: Dict[str, Any], task: str, adversarial: bool = True)
     # "_mean": the loss (clean + w adv) / (1 + w) instead of the paper's sum (see ds_conadv.study.core)
     adv_cand = {"lars+conadv_t1": [dict(lars, adv=_adv(e, 1)) for e in eps_grid],
                 "lars+conadv_t1_mean": [dict(lars, adv=_adv(e, 1, normalize_loss=True)) for e in eps_grid]}
-    flat = [(k, c) for k, cs in adv_cand.items() for c in cs] if len(eps_grid) > 1 and adversarial else []
-    if not flat:
-        for k in adv_cand:
-            chosen[k], tuning[k] = adv_cand[k][0], "fixed"
+    wanted = set(adv_cand) if adversarial is True else set(adversarial or ())
+    flat = [(k, c) for k, cs in adv_cand.items() if k in wanted for c in cs] if len(eps_grid) > 1 else []
+    for k in adv_cand:
+        if k not in {kk for kk, _ in flat}:
+            chosen[k], tuning[k] = adv_cand[k][0], "fixed" if len(eps_grid) == 1 else "not tuned in this run"
     recs = runner.run([(dict(c, seed=0), "val", False) for _, c in flat], f"tune {task} adv")
     for k in {k for k, _ in flat}:
         rs = [r for (kk, _), r in zip(flat, recs) if kk == k]
@@ -226,6 +228,10 @@ def tune(runner: Runner, s: Dict[str, Any], task: str, adversarial: bool = True)
             if f"lars+conadv_t{tau}{suffix}" in REGIMES:
                 chosen[f"lars+conadv_t{tau}{suffix}"] = copy.deepcopy(chosen[f"lars+conadv_t1{suffix}"])
                 chosen[f"lars+conadv_t{tau}{suffix}"]["adv"]["tau"] = tau
+    # LAMB's update is invariant to the loss scale: the paper's sum loss, LARS's epsilon
+    for tau, name in ((0, "lamb+disadv"), (1, "lamb+conadv_t1")):
+        chosen[name] = dict(copy.deepcopy(chosen["lamb"]), adv=dict(copy.deepcopy(chosen["lars+conadv_t1"]["adv"]),
+                                                                    tau=tau))
     sgd = chosen["sgd_small"]
     a = dict(s["absa"], epsilon=s["absa"]["epsilon"][_kind(task)])
     chosen["absa_default"] = dict(sgd, absa=dict(a, **s["absa_default_eig"]))
@@ -284,10 +290,10 @@ def variant_specs(s: Dict[str, Any], task: str, chosen: Dict[str, Dict[str, Any]
         "adversarial from the end of warm-up": with_adv(start_epoch=s["warmup_epochs"]),
         "adversarial stops at half the epochs": with_adv(stop_epoch=max(s["epochs"] // 2, 1)),
     })
-    for samples, ema in ((128, 0.0), (512, 0.0), (1024, 0.0), (1024, 0.5)):
-        v[f"absa eig {samples} samples, ema {ema}"] = dict(copy.deepcopy(chosen["absa_default"]),
-                                                           absa=dict(chosen["absa_default"]["absa"],
-                                                                     eig_samples=samples, ema=ema))
+    for samples, ema, ratio in ((128, 0.0, 0.5), (512, 0.0, 0.5), (512, 0.0, 0.7), (1024, 0.5, 0.5)):
+        v[f"absa eig {samples} samples, ema {ema}, ratio {ratio}"] = dict(
+            copy.deepcopy(chosen["absa_default"]),
+            absa=dict(chosen["absa_default"]["absa"], eig_samples=samples, ema=ema, eig_ratio=ratio))
     return v
 
 
@@ -345,6 +351,7 @@ def summarize_final(fin: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
         gap = sgd - b
         for k, row in table.items():
             if k.startswith(base + "+"):
+                row["recovered_vs"] = base
                 row[f"gap_recovered_vs_{base}"] = (row["test_acc"]["mean"] - b) / gap if gap > 0 else None
     for k, row in table.items():
         if sgd is not None:
@@ -433,14 +440,14 @@ def markdown(summary: Dict[str, Any]) -> str:
         fin = entry.get("final")
         if fin:
             lines += [f"**{task}** (test accuracy %, mean ± std over {summary['settings']['seeds']} seeds)", "",
-                      "| regime | test | train | val | recovered vs LARS | steps | wall s | PGD-10 | configured |",
+                      "| regime | test | train | val | gap recovered (vs its optimizer) | steps | wall s | PGD-10 | configured |",
                       "|---|---|---|---|---|---|---|---|---|"]
             for k in REGIMES:
                 if k not in fin:
                     continue
                 r = fin[k]
                 f = (lambda d: f"{d['mean']:.2f} ± {d['std']:.2f}" if d and d.get("n") else "")
-                rec = r.get("gap_recovered_vs_lars")
+                rec = r.get(f"gap_recovered_vs_{r.get('recovered_vs')}")
                 div = f" (diverged {r['diverged']})" if r["diverged"] else ""
                 lines.append(f"| {k}{div} | {f(r['test_acc'])} | {r['train_acc']['mean']:.1f} | "
                              f"{r['val_acc']['mean']:.2f} | {'' if rec is None else f'{100 * rec:.0f} %'} | "
@@ -524,7 +531,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fin_all, sweeps = {}, {}
     for task in s["tasks"]:
         entry: Dict[str, Any] = {}
-        adversarial = ("variants" in phases and task in s["variants_tasks"]) or any("adv" in r for r in regimes)
+        if "variants" in phases and task in s["variants_tasks"]:
+            adversarial: Any = True
+        else:                               # tune epsilon only for the loss forms the requested regimes use
+            adversarial = {"lars+conadv_t1" + ("_mean" if r.endswith("_mean") else "") for r in regimes if "adv" in r}
         tuned = tune(runner, s, task, adversarial)
         entry["chosen"], entry["tuning"] = tuned["chosen"], tuned["tuning"]
         if "final" in phases:
