@@ -446,7 +446,9 @@ def markdown(summary: Dict[str, Any]) -> str:
                 if k not in fin:
                     continue
                 r = fin[k]
-                f = (lambda d: f"{d['mean']:.2f} ± {d['std']:.2f}" if d and d.get("n") else "")
+                seeds = summary["settings"]["seeds"]
+                f = (lambda d: (f"{d['mean']:.2f} ± {d['std']:.2f}" + (f" (n={d['n']})" if d["n"] != seeds else ""))
+                     if d and d.get("n") else "")
                 rec = r.get(f"gap_recovered_vs_{r.get('recovered_vs')}")
                 div = f" (diverged {r['diverged']})" if r["diverged"] else ""
                 lines.append(f"| {k}{div} | {f(r['test_acc'])} | {r['train_acc']['mean']:.1f} | "
