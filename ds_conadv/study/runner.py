@@ -1,0 +1,600 @@
+"""The reproduction study: which large-batch remedies pay, on tasks with a real large-batch generalisation gap.
+
+``python -m ds_conadv.study`` (or ``benchmarks/reproduce.py``) runs, per task:
+
+1. **tune** (seed 0, scored on the validation split): the LR of small-batch SGD, large-batch LARS and LAMB;
+   then epsilon for DisAdv (tau = 0) and ConAdv (tau = 1) on top of the chosen LARS (tau = 2, 4 reuse tau = 1's);
+   ABSA starts at the small batch with SGD's LR.
+2. **final** (seeds 0..S-1, scored on the test split, validation accuracy reported too): every regime with its
+   chosen settings; wall time per run; robustness (configured attack and untargeted PGD-10) on image tasks.
+3. **variants** (validation split): around the chosen ConAdv tau = 1 — BN handling, attack, epsilon,
+   adv_weight, adversarial start/stop epochs, LR of the excluded (BN/bias) parameters, the staleness guard —
+   and ABSA's eigenvalue sample size / smoothing.
+4. **sweep**: test accuracy against the batch size for LARS and LAMB (seed 0, LR scaled by sqrt of the batch).
+
+Resumable: each finished run is one JSON under ``<out>/records/<task>/`` keyed by its spec; a rerun skips it.
+The summary goes to ``<out>/../reproduce[_quick].json`` and the plots to ``--plots``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["main", "suite_settings", "REGIMES"]
+
+REGIMES = ("sgd_small", "lars", "lamb", "lars+disadv", "lars+conadv_t1", "lars+conadv_t2", "lars+conadv_t4",
+           "lars+disadv_mean", "lars+conadv_t1_mean", "lars+conadv_t2_mean", "lamb+disadv", "lamb+conadv_t1",
+           "absa_default", "absa_eig")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# settings
+# ----------------------------------------------------------------------------------------------------------
+def suite_settings(quick: bool = False) -> Dict[str, Any]:
+    """Everything the suite runs (the ``--quick`` one: tiny data, 2 epochs, 1-point grids, 1 seed)."""
+    s = {
+        "tasks": ["digits", "shapes", "motifs"],
+        "sizes": None,
+        "seeds": 3,
+        "epochs": 40,
+        "small_batch": 32,
+        "large_batch": 1024,
+        "warmup_epochs": 5,
+        "grids": {
+            "sgd_lr": [0.05],
+            "lars_lr": [20.0],
+            "lamb_lr": [0.05],
+            "epsilon": {"image": [0.01, 0.03], "tokens": [0.1, 0.3]},
+        },
+        "weight_decay": {"sgd": 5e-4, "lars": 5e-4, "lamb": 0.01},
+        "absa": {"max_batch": 1024, "duration": 5, "adv_ratio": 0.2, "lr_scaling": "sqrt", "stop_epoch": 30,
+                 "epsilon": {"image": 0.02, "tokens": 0.2}},
+        "absa_default_eig": {"eig_samples": 128, "ema": 0.0},
+        "absa_tuned_eig": {"eig_samples": 512, "ema": 0.5},
+        "variants_tasks": ["digits", "shapes", "motifs"],
+        "variant_seeds": 1,
+        "sweep_batches": [32, 128, 512, 1024],
+        "robustness": True,
+    }
+    if quick:
+        s.update(sizes=(256, 128, 128), seeds=1, epochs=2, small_batch=64, large_batch=128, warmup_epochs=1,
+                 grids={"sgd_lr": [0.05], "lars_lr": [5.0], "lamb_lr": [0.02],
+                        "epsilon": {"image": [0.03], "tokens": [0.3]}},
+                 absa={"max_batch": 128, "duration": 1, "adv_ratio": 0.2, "lr_scaling": "sqrt", "stop_epoch": 2,
+                       "epsilon": {"image": 0.02, "tokens": 0.2}},
+                 absa_default_eig={"eig_samples": 32, "ema": 0.0, "eig_max_iter": 2},
+                 absa_tuned_eig={"eig_samples": 64, "ema": 0.5, "eig_max_iter": 2},
+                 variants_tasks=["shapes"], sweep_batches=[64, 128], robustness=True)
+    return s
+
+
+def _base(s: Dict[str, Any], task: str, optimizer: str, batch: int, lr: float) -> Dict[str, Any]:
+    return {"task": task, "optimizer": optimizer, "batch": batch, "lr": lr, "epochs": s["epochs"],
+            "warmup_epochs": s["warmup_epochs"] if batch > s["small_batch"] else min(1, s["warmup_epochs"]),
+            "weight_decay": s["weight_decay"][optimizer], "sizes": s["sizes"]}
+
+
+def _kind(task: str) -> str:
+    return "tokens" if task == "motifs" else "image"
+
+
+def _adv(eps: float, tau: int, **kw) -> Dict[str, Any]:
+    return {"epsilon": eps, "tau": tau, "bn": "dual", "attack": "fgsm", "target": "untargeted", **kw}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# running (resumable)
+# ----------------------------------------------------------------------------------------------------------
+def run_key(spec: Dict[str, Any], split: str) -> str:
+    blob = json.dumps({"spec": spec, "split": split, "v": 1}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=4)
+def _task(name: str, sizes: Optional[Tuple[int, int, int]]):
+    from .tasks import make_task
+    return make_task(name, 0, tuple(sizes) if sizes else None)
+
+
+def _work(item: Tuple[Dict[str, Any], str, bool, str]) -> Dict[str, Any]:
+    spec, split, robust, path = item
+    import torch
+    torch.set_num_threads(1)
+    from .core import run_spec
+    task = _task(spec["task"], tuple(spec["sizes"]) if spec.get("sizes") else None)
+    t0 = time.perf_counter()
+    res = run_spec(spec, task, split=split, robustness=robust)
+    rec = {"spec": spec, "split": split, "result": res, "total_time_s": time.perf_counter() - t0}
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(rec, f, indent=1, default=float)
+    os.replace(tmp, path)
+    return rec
+
+
+class Runner:
+    def __init__(self, out: str, jobs: int = 1, progress: bool = True, load_only: bool = False):
+        self.out, self.jobs, self.progress, self.load_only = out, jobs, progress, load_only
+        self.skipped = self.ran = self.missing = 0
+
+    def path(self, spec, split) -> str:
+        d = os.path.join(self.out, "records", spec["task"])
+        os.makedirs(d, exist_ok=True)
+        return os.path.join(d, run_key(spec, split) + ".json")
+
+    def run(self, items: Sequence[Tuple[Dict[str, Any], str, bool]], desc: str) -> List[Dict[str, Any]]:
+        """Run (or load) every ``(spec, split, robustness)``; results in the same order."""
+        from tqdm import tqdm
+        results: List[Optional[Dict[str, Any]]] = [None] * len(items)
+        todo = []
+        for i, (spec, split, robust) in enumerate(items):
+            p = self.path(spec, split)
+            if os.path.exists(p):
+                with open(p, encoding="utf-8") as f:
+                    results[i] = json.load(f)
+                self.skipped += 1
+            else:
+                todo.append((i, (spec, split, robust, p)))
+        if self.load_only:                      # summarise what exists; missing runs stay None
+            self.missing += len(todo)
+            return results  # type: ignore[return-value]
+        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="run", file=sys.stderr,
+                   disable=not self.progress, dynamic_ncols=True)
+        try:
+            if self.jobs <= 1 or len(todo) <= 1:
+                for i, item in todo:
+                    bar.set_postfix_str(_label(item[0]), refresh=True)
+                    results[i] = _work(item)
+                    self.ran += 1
+                    bar.update(1)
+            else:
+                import multiprocessing as mp
+                with ProcessPoolExecutor(self.jobs, mp_context=mp.get_context("spawn")) as ex:
+                    futs = {ex.submit(_work, item): i for i, item in todo}
+                    from concurrent.futures import as_completed
+                    for fut in as_completed(futs):
+                        results[futs[fut]] = fut.result()
+                        self.ran += 1
+                        bar.update(1)
+        finally:
+            bar.close()
+        return results  # type: ignore[return-value]
+
+
+def _label(spec: Dict[str, Any]) -> str:
+    adv = spec.get("adv")
+    extra = f" tau={adv['tau']} eps={adv['epsilon']}" if adv else (" absa" if spec.get("absa") else "")
+    return f"{spec['task']} {spec['optimizer']} b{spec['batch']} lr{spec['lr']}{extra} s{spec['seed']}"
+
+
+def _best(records: List[Dict[str, Any]], candidates: List[Any]) -> Any:
+    """The candidate with the highest validation accuracy (the first one on ties; missing runs score -1)."""
+    scores = [r["result"]["val_acc"] if r else -1.0 for r in records]
+    return candidates[max(range(len(scores)), key=lambda i: (scores[i], -i))]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# phases
+# ----------------------------------------------------------------------------------------------------------
+def tune(runner: Runner, s: Dict[str, Any], task: str, adversarial: Any = True) -> Dict[str, Dict[str, Any]]:
+    """Chosen spec (without seed) per regime, from seed-0 validation accuracy (the adversarial regimes' epsilon
+    only when ``adversarial``)."""
+    g = s["grids"]
+    sb, lb = s["small_batch"], s["large_batch"]
+    cand = {"sgd_small": [_base(s, task, "sgd", sb, lr) for lr in g["sgd_lr"]],
+            "lars": [_base(s, task, "lars", lb, lr) for lr in g["lars_lr"]],
+            "lamb": [_base(s, task, "lamb", lb, lr) for lr in g["lamb_lr"]]}
+    chosen: Dict[str, Dict[str, Any]] = {}
+    tuning: Dict[str, Any] = {}
+    for k, cs in cand.items():                  # a one-point grid is a fixed choice: nothing to run
+        if len(cs) == 1:
+            chosen[k], tuning[k] = cs[0], "fixed"
+    flat = [(k, c) for k, cs in cand.items() if len(cs) > 1 for c in cs]
+    recs = runner.run([(dict(c, seed=0), "val", False) for _, c in flat], f"tune {task} base")
+    for k in {k for k, _ in flat}:
+        rs = [r for (kk, _), r in zip(flat, recs) if kk == k]
+        chosen[k] = _best(rs, cand[k])
+        tuning[k] = [(c["lr"], r["result"]["val_acc"], r["result"]["train_acc"]) for c, r in zip(cand[k], rs) if r]
+    lars = chosen["lars"]
+    eps_grid = g["epsilon"][_kind(task)]
+    # "_mean": the loss (clean + w adv) / (1 + w) instead of the paper's sum (see ds_conadv.study.core)
+    adv_cand = {"lars+conadv_t1": [dict(lars, adv=_adv(e, 1)) for e in eps_grid],
+                "lars+conadv_t1_mean": [dict(lars, adv=_adv(e, 1, normalize_loss=True)) for e in eps_grid]}
+    wanted = set(adv_cand) if adversarial is True else set(adversarial or ())
+    flat = [(k, c) for k, cs in adv_cand.items() if k in wanted for c in cs] if len(eps_grid) > 1 else []
+    for k in adv_cand:
+        if k not in {kk for kk, _ in flat}:
+            chosen[k], tuning[k] = adv_cand[k][0], "fixed" if len(eps_grid) == 1 else "not tuned in this run"
+    recs = runner.run([(dict(c, seed=0), "val", False) for _, c in flat], f"tune {task} adv")
+    for k in {k for k, _ in flat}:
+        rs = [r for (kk, _), r in zip(flat, recs) if kk == k]
+        chosen[k] = _best(rs, adv_cand[k])
+        tuning[k] = [(c["adv"]["epsilon"], r["result"]["val_acc"], r["result"]["train_acc"])
+                     for c, r in zip(adv_cand[k], rs) if r]
+    for suffix in ("", "_mean"):
+        chosen[f"lars+disadv{suffix}"] = copy.deepcopy(chosen[f"lars+conadv_t1{suffix}"])
+        chosen[f"lars+disadv{suffix}"]["adv"]["tau"] = 0
+        for tau in (2, 4):
+            if f"lars+conadv_t{tau}{suffix}" in REGIMES:
+                chosen[f"lars+conadv_t{tau}{suffix}"] = copy.deepcopy(chosen[f"lars+conadv_t1{suffix}"])
+                chosen[f"lars+conadv_t{tau}{suffix}"]["adv"]["tau"] = tau
+    # LAMB's update is invariant to the loss scale: the paper's sum loss, LARS's epsilon
+    for tau, name in ((0, "lamb+disadv"), (1, "lamb+conadv_t1")):
+        chosen[name] = dict(copy.deepcopy(chosen["lamb"]), adv=dict(copy.deepcopy(chosen["lars+conadv_t1"]["adv"]),
+                                                                    tau=tau))
+    sgd = chosen["sgd_small"]
+    a = dict(s["absa"], epsilon=s["absa"]["epsilon"][_kind(task)])
+    chosen["absa_default"] = dict(sgd, absa=dict(a, **s["absa_default_eig"]))
+    chosen["absa_eig"] = dict(sgd, absa=dict(a, **s["absa_tuned_eig"]))
+    return {"chosen": chosen, "tuning": tuning}
+
+
+def final(runner: Runner, s: Dict[str, Any], task: str, chosen: Dict[str, Dict[str, Any]],
+          regimes: Sequence[str]) -> Dict[str, List[Dict[str, Any]]]:
+    items, keys = [], []
+    for k in regimes:
+        for seed in range(s["seeds"]):
+            items.append((dict(chosen[k], seed=seed), "test", s["robustness"] and _kind(task) == "image"))
+            keys.append(k)
+    recs = runner.run(items, f"final {task}")
+    out: Dict[str, List[Dict[str, Any]]] = {}
+    for k, r in zip(keys, recs):
+        if r is not None:
+            out.setdefault(k, []).append(r)
+    return out
+
+
+def variant_specs(s: Dict[str, Any], task: str, chosen: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Named variants around the chosen ConAdv tau = 1 (and ABSA), for the validation split."""
+    c1 = chosen["lars+conadv_t1"]
+    eps = c1["adv"]["epsilon"]
+
+    def with_adv(**kw):
+        v = copy.deepcopy(c1)
+        v["adv"].update(kw)
+        return v
+
+    d0 = chosen["lars+disadv"]
+    v: Dict[str, Dict[str, Any]] = {
+        "conadv_t1 (chosen)": copy.deepcopy(c1),
+        "tau 0 (DisAdv)": copy.deepcopy(d0),
+        "tau 1, LARS lr x0.5": dict(copy.deepcopy(c1), lr=c1["lr"] * 0.5),
+        "tau 1, loss normalised": with_adv(normalize_loss=True),
+        "tau 0, loss normalised": dict(copy.deepcopy(d0), adv=dict(d0["adv"], normalize_loss=True)),
+        "excluded params LR x0.1": dict(copy.deepcopy(c1), excl_lr_mult=0.1),
+        "staleness guard 0.05": with_adv(guard_drift=0.05),
+        "tau 0, LARS lr x0.5": dict(copy.deepcopy(d0), lr=c1["lr"] * 0.5),
+        "tau 1, LARS lr x2": dict(copy.deepcopy(c1), lr=c1["lr"] * 2),
+        "lamb + conadv tau 1": dict(copy.deepcopy(chosen["lamb"]), adv=copy.deepcopy(c1["adv"])),
+        "lamb + disadv": dict(copy.deepcopy(chosen["lamb"]), adv=dict(copy.deepcopy(c1["adv"]), tau=0)),
+    }
+    if _kind(task) == "image":
+        v.update({"bn shared": with_adv(bn="shared"), "bn shared, adv out of running stats":
+                  with_adv(bn="shared_frozen"), "bn mixed (one forward)": with_adv(bn="mixed")})
+    v.update({
+        "attack random-target PGD-1, random start 0.8": with_adv(attack="pgd", steps=1, target="random",
+                                                                 random_start=True, random_start_prob=0.8),
+        "attack untargeted PGD-3": with_adv(attack="pgd", steps=3, step_size=eps / 2),
+        "epsilon x0.3": with_adv(epsilon=eps * 0.3), "epsilon x3": with_adv(epsilon=eps * 3),
+        "adv_weight 0.5": with_adv(adv_weight=0.5),
+        "adversarial from the end of warm-up": with_adv(start_epoch=s["warmup_epochs"]),
+        "adversarial stops at half the epochs": with_adv(stop_epoch=max(s["epochs"] // 2, 1)),
+    })
+    for samples, ema, ratio in ((128, 0.0, 0.5), (512, 0.0, 0.5), (512, 0.0, 0.7), (1024, 0.5, 0.5)):
+        v[f"absa eig {samples} samples, ema {ema}, ratio {ratio}"] = dict(
+            copy.deepcopy(chosen["absa_default"]),
+            absa=dict(chosen["absa_default"]["absa"], eig_samples=samples, ema=ema, eig_ratio=ratio))
+    return v
+
+
+def sweep(runner: Runner, s: Dict[str, Any], task: str, chosen) -> Dict[str, List[Dict[str, Any]]]:
+    items, keys = [], []
+    lb = s["large_batch"]
+    for opt in ("lars", "lamb", "sgd"):
+        base = chosen[opt if opt != "sgd" else "sgd_small"]
+        for b in s["sweep_batches"]:
+            ref = base["batch"]
+            spec = dict(_base(s, task, opt, b, base["lr"] * math.sqrt(b / ref)), seed=0)
+            if opt == "sgd" and b == lb:
+                pass
+            items.append((spec, "test", False))
+            keys.append(opt)
+    recs = runner.run(items, f"sweep {task}")
+    out: Dict[str, List[Dict[str, Any]]] = {}
+    for k, r in zip(keys, recs):
+        if r is not None:
+            out.setdefault(k, []).append(r)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# summary and plots
+# ----------------------------------------------------------------------------------------------------------
+def _ms(vals: List[float]) -> Dict[str, float]:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "n": len(vals), "values": vals}
+
+
+def summarize_final(fin: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
+    table = {}
+    for k, recs in fin.items():
+        rs = [r["result"] for r in recs]
+        row = {"test_acc": _ms([100 * r["test_acc"] for r in rs]), "val_acc": _ms([100 * r["val_acc"] for r in rs]),
+               "train_acc": _ms([100 * r["train_acc"] for r in rs]), "wall_time_s": _ms([r["wall_time_s"] for r in rs]),
+               "steps": _ms([r["steps"] for r in rs]), "diverged": sum(bool(r.get("diverged")) for r in rs)}
+        if rs and "robustness" in rs[0]:
+            row["configured_attack_acc"] = _ms([100 * r["robustness"]["configured_attack_acc"] for r in rs])
+            row["pgd10_acc"] = _ms([100 * r["robustness"]["pgd_acc"] for r in rs])
+        if rs and "absa_log" in rs[0]:
+            row["growths_eigenvalue"] = [r["growths_eigenvalue"] for r in rs]
+            row["growths_duration"] = [r["growths_duration"] for r in rs]
+            row["eig_time_s"] = _ms([r["eig_time_s"] for r in rs])
+        table[k] = row
+    sgd = table.get("sgd_small", {}).get("test_acc", {}).get("mean")
+    for base in ("lars", "lamb"):
+        b = table.get(base, {}).get("test_acc", {}).get("mean")
+        if sgd is None or b is None:
+            continue
+        gap = sgd - b
+        for k, row in table.items():
+            if k.startswith(base + "+"):
+                row["recovered_vs"] = base
+                row[f"gap_recovered_vs_{base}"] = (row["test_acc"]["mean"] - b) / gap if gap > 0 else None
+    for k, row in table.items():
+        if sgd is not None:
+            row["minus_small_batch"] = row["test_acc"]["mean"] - sgd
+    return table
+
+
+def plot_final(tables: Dict[str, Dict[str, Any]], path: str) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(5 * len(tables), 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(tables), squeeze=False)[0]
+    for ax, (task, table) in zip(axes, tables.items()):
+        ks = [k for k in REGIMES if k in table]
+        m = [table[k]["test_acc"]["mean"] for k in ks]
+        e = [table[k]["test_acc"]["std"] for k in ks]
+        colors = ["tab:green" if k == "sgd_small" else "tab:blue" if k in ("lars", "lamb") else
+                  "tab:purple" if k.startswith("absa") else "tab:orange" for k in ks]
+        ax.bar(range(len(ks)), m, yerr=e, color=colors, capsize=3)
+        ax.set_xticks(range(len(ks)), ks, rotation=60, ha="right", fontsize=8)
+        lo = min(v for v in m if v == v) if m else 0
+        ax.set_ylim(max(lo - 5, 0), min(max(m) + 2, 100) if m else 100)
+        if "sgd_small" in table:
+            ax.axhline(table["sgd_small"]["test_acc"]["mean"], color="tab:green", ls="--", lw=0.8)
+        ax.set_title(f"{task}: test accuracy (mean ± std over seeds)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_sweep(sweeps: Dict[str, Dict[str, List[Dict[str, Any]]]], path: str) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(5 * len(sweeps), 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(sweeps), squeeze=False)[0]
+    for ax, (task, sw) in zip(axes, sweeps.items()):
+        for opt, recs in sw.items():
+            b = [r["spec"]["batch"] for r in recs]
+            ax.plot(b, [100 * r["result"]["test_acc"] for r in recs], "o-", label=f"{opt} test")
+            ax.plot(b, [100 * r["result"]["train_acc"] for r in recs], "x:", label=f"{opt} train")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size (same epochs)")
+        ax.set_title(f"{task}: accuracy vs batch (seed 0)", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_absa(fin_all: Dict[str, Dict[str, List[Dict[str, Any]]]], path: str) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    tasks = [t for t in fin_all if any(k.startswith("absa") for k in fin_all[t])]
+    fig = Figure(figsize=(5 * max(len(tasks), 1), 6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, max(len(tasks), 1), squeeze=False)
+    for j, task in enumerate(tasks):
+        for k, style in (("absa_default", "o-"), ("absa_eig", "s-")):
+            for r in fin_all[task].get(k, [])[:1]:
+                log = r["result"]["absa_log"]
+                pts = [(row["epoch"], row["eigenvalue"]) for row in log if row["eigenvalue"] is not None]
+                if pts:
+                    axes[0, j].plot(*zip(*pts), style, ms=3, label=k)
+                axes[1, j].plot([row["epoch"] for row in log], [row["batch"] for row in log], style, ms=3,
+                                label=k, drawstyle="steps-post")
+        axes[0, j].set_title(f"{task}: eigenvalue the rule sees (seed 0)", fontsize=9)
+        axes[1, j].set_title(f"{task}: batch size", fontsize=9)
+        axes[1, j].set_yscale("log", base=2)
+        for ax in axes[:, j]:
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def markdown(summary: Dict[str, Any]) -> str:
+    """The summary's tables as Markdown (final: test mean ± std over seeds; variants: validation, seed 0)."""
+    lines: List[str] = []
+    for task, entry in summary["tasks"].items():
+        fin = entry.get("final")
+        if fin:
+            lines += [f"**{task}** (test accuracy %, mean ± std over {summary['settings']['seeds']} seeds)", "",
+                      "| regime | test | train | val | gap recovered (vs its optimizer) | steps | wall s | PGD-10 | configured |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for k in REGIMES:
+                if k not in fin:
+                    continue
+                r = fin[k]
+                seeds = summary["settings"]["seeds"]
+                f = (lambda d: (f"{d['mean']:.2f} ± {d['std']:.2f}" + (f" (n={d['n']})" if d["n"] != seeds else ""))
+                     if d and d.get("n") else "")
+                rec = r.get(f"gap_recovered_vs_{r.get('recovered_vs')}")
+                div = f" (diverged {r['diverged']})" if r["diverged"] else ""
+                lines.append(f"| {k}{div} | {f(r['test_acc'])} | {r['train_acc']['mean']:.1f} | "
+                             f"{r['val_acc']['mean']:.2f} | {'' if rec is None else f'{100 * rec:.0f} %'} | "
+                             f"{r['steps']['mean']:.0f} | {r['wall_time_s']['mean']:.0f} | "
+                             f"{f(r.get('pgd10_acc'))} | {f(r.get('configured_attack_acc'))} |")
+            lines.append("")
+        var = entry.get("variants")
+        if var:
+            lines += [f"**{task} variants** (validation accuracy %, seed 0)", "",
+                      "| variant | val | train | wall s | notes |", "|---|---|---|---|---|"]
+            for n, r in var.items():
+                notes = []
+                if "guard_counts" in r:
+                    notes.append(f"regenerated {r['guard_counts'][0]['regenerated']}/{r['guard_counts'][0]['checked']}")
+                if "growths_eigenvalue" in r:
+                    notes.append(f"growths eig/duration {r['growths_eigenvalue'][0]}/{r['growths_duration'][0]}, "
+                                 f"steps {r['steps'][0]}")
+                if r.get("last_epoch_adv_train_acc") and r["last_epoch_adv_train_acc"][0] is not None:
+                    notes.append(f"adv train acc {100 * r['last_epoch_adv_train_acc'][0]:.1f}")
+                if r["diverged"]:
+                    notes.append("DIVERGED")
+                lines.append(f"| {n} | {r['val_acc'][0]:.2f} | {r['train_acc'][0]:.1f} | {r['wall_time_s'][0]:.0f} | "
+                             f"{'; '.join(notes)} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ds_conadv.study", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny CI run: asserts the machinery, not the accuracy")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of shapes,digits,motifs")
+    p.add_argument("--phases", default="tune,final,variants,sweep", help="comma-separated phases to run")
+    p.add_argument("--regimes", default=",".join(REGIMES), help="regimes of the final phase")
+    p.add_argument("--seeds", type=int, default=None, help="final seeds (default 3; 1 with --quick)")
+    p.add_argument("--variant-tasks", default=None, help="tasks of the variants phase (default: all)")
+    p.add_argument("--out", default=None, help="folder of the per-run JSONs (default benchmarks/results/study"
+                                                "[_quick])")
+    p.add_argument("--summary", default=None, help="summary JSON (default benchmarks/results/reproduce[_quick].json)")
+    p.add_argument("--plots", default=None, help="folder of the PNGs (default docs/img; with --quick: next to "
+                                                 "the summary)")
+    p.add_argument("--variants", default=None, help="comma-separated subset of the variant names (substring match)")
+    p.add_argument("--markdown", default=None, help="also write the tables as Markdown to this file")
+    p.add_argument("--jobs", type=int, default=1, help="parallel runs (processes, 1 thread each)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--load-only", action="store_true", help="run nothing: summarise the runs that exist (what is "
+                                                            "missing is counted and left out)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    s = suite_settings(args.quick)
+    if args.tasks:
+        s["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        s["variants_tasks"] = [t for t in s["variants_tasks"] if t in s["tasks"]]
+    if args.variant_tasks is not None:
+        s["variants_tasks"] = [t.strip() for t in args.variant_tasks.split(",") if t.strip()]
+    if args.seeds:
+        s["seeds"] = args.seeds
+    from .tasks import TASK_SIZES
+    bad = [t for t in s["tasks"] if t not in TASK_SIZES]
+    if bad:
+        print(f"--tasks: unknown task {bad[0]!r}; allowed: {', '.join(TASK_SIZES)}", file=sys.stderr)
+        return 2
+    phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
+    unknown = [r for r in regimes if r not in REGIMES]
+    if unknown:
+        print(f"--regimes: unknown regime {unknown[0]!r}; allowed: {', '.join(REGIMES)}", file=sys.stderr)
+        return 2
+    suffix = "_quick" if args.quick else ""
+    out = args.out or os.path.join("benchmarks", "results", "study" + suffix)
+    summary_path = args.summary or os.path.join("benchmarks", "results", f"reproduce{suffix}.json")
+    plots = args.plots or (os.path.dirname(summary_path) or "." if args.quick else os.path.join("docs", "img"))
+    os.makedirs(plots, exist_ok=True)
+    os.makedirs(os.path.dirname(summary_path) or ".", exist_ok=True)
+    runner = Runner(out, args.jobs, progress=not args.no_progress, load_only=args.load_only)
+    t0 = time.perf_counter()
+    summary: Dict[str, Any] = {"settings": s, "phases": sorted(phases), "tasks": {}}
+    fin_all, sweeps = {}, {}
+    for task in s["tasks"]:
+        entry: Dict[str, Any] = {}
+        if "variants" in phases and task in s["variants_tasks"]:
+            adversarial: Any = True
+        else:                               # tune epsilon only for the loss forms the requested regimes use
+            adversarial = {"lars+conadv_t1" + ("_mean" if r.endswith("_mean") else "") for r in regimes if "adv" in r}
+        tuned = tune(runner, s, task, adversarial)
+        entry["chosen"], entry["tuning"] = tuned["chosen"], tuned["tuning"]
+        if "final" in phases:
+            fin = final(runner, s, task, tuned["chosen"], regimes)
+            fin_all[task] = fin
+            entry["final"] = summarize_final(fin)
+        if "variants" in phases and task in s["variants_tasks"]:
+            vs = variant_specs(s, task, tuned["chosen"])
+            if args.variants:
+                wanted = [w.strip() for w in args.variants.split(",") if w.strip()]
+                vs = {n: v for n, v in vs.items() if any(w in n for w in wanted)}
+            items = [(dict(v, seed=seed), "val", False) for v in vs.values() for seed in range(s["variant_seeds"])]
+            recs = runner.run(items, f"variants {task}")
+            names = [n for n in vs for _ in range(s["variant_seeds"])]
+            table: Dict[str, Any] = {}
+            for n, r in zip(names, recs):
+                if r is None:
+                    continue
+                res = r["result"]
+                row = table.setdefault(n, {"val_acc": [], "train_acc": [], "diverged": 0, "wall_time_s": []})
+                row["val_acc"].append(100 * res["val_acc"])
+                row["train_acc"].append(100 * res["train_acc"])
+                row["wall_time_s"].append(res["wall_time_s"])
+                row["diverged"] += int(bool(res.get("diverged")))
+                for extra in ("guard_counts", "growths_eigenvalue", "growths_duration", "steps",
+                              "last_epoch_adv_train_acc"):
+                    if extra in res:
+                        row.setdefault(extra, []).append(res[extra])
+            entry["variants"] = table
+        if "sweep" in phases:
+            sweeps[task] = sweep(runner, s, task, tuned["chosen"])
+            entry["sweep"] = {opt: [{"batch": r["spec"]["batch"], "lr": r["spec"]["lr"],
+                                     "train_acc": 100 * r["result"]["train_acc"],
+                                     "test_acc": 100 * r["result"]["test_acc"]} for r in recs]
+                              for opt, recs in sweeps[task].items()}
+        summary["tasks"][task] = entry
+    summary["plots"] = {}
+    if fin_all:
+        summary["plots"]["final"] = plot_final({t: summary["tasks"][t]["final"] for t in fin_all},
+                                               os.path.join(plots, f"reproduce_final{suffix}.png"))
+        if any(k.startswith("absa") for f in fin_all.values() for k in f):
+            summary["plots"]["absa"] = plot_absa(fin_all, os.path.join(plots, f"reproduce_absa{suffix}.png"))
+    if sweeps:
+        summary["plots"]["sweep"] = plot_sweep(sweeps, os.path.join(plots, f"reproduce_sweep{suffix}.png"))
+    summary["runs_executed"], summary["runs_loaded"] = runner.ran, runner.skipped
+    summary["runs_missing"] = runner.missing
+    summary["wall_time_s"] = time.perf_counter() - t0
+    with open(summary_path, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1, default=float)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(markdown(summary))
+    print(f"study: {runner.ran} runs executed, {runner.skipped} loaded, {summary['wall_time_s']:.0f} s; "
+          f"summary {summary_path}", file=sys.stderr)
+    for task, entry in summary["tasks"].items():
+        for k, row in entry.get("final", {}).items():
+            t = row["test_acc"]
+            print(f"{task:8s} {k:16s} test {t['mean']:6.2f} ± {t['std']:4.2f}  train {row['train_acc']['mean']:6.2f}"
+                  f"  steps {row['steps']['mean']:6.0f}  {row['wall_time_s']['mean']:6.1f} s"
+                  f"{'  DIVERGED x' + str(row['diverged']) if row['diverged'] else ''}")
+    return 0
