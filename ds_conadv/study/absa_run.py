@@ -25,8 +25,11 @@ from ds_conadv.conadv.perturb import call_model
 __all__ = ["run_absa"]
 
 
-def run_absa(spec: Dict[str, Any], task, model, split: str, progress=None) -> Dict[str, Any]:
-    from .core import _optimizer, adv_config, evaluate
+def run_absa(spec: Dict[str, Any], task, model, split: str, progress=None, *, build_optimizer, adv_config,
+             evaluate) -> Dict[str, Any]:
+    """One ABSA run; the study's optimizer builder, attack config and evaluation come from the caller
+    (:mod:`ds_conadv.study.core`), so that the regimes share them."""
+    _optimizer = build_optimizer
 
     a = spec["absa"]
     seed, epochs = spec["seed"], spec["epochs"]
@@ -55,7 +58,8 @@ def run_absa(spec: Dict[str, Any], task, model, split: str, progress=None) -> Di
         nb = n // bs
         for i in range(nb):
             frac = epoch + i / nb
-            factor = frac / warm if frac < warm else 0.5 * (1 + math.cos(math.pi * (frac - warm) / max(epochs - warm, 1e-9)))
+            cosine = 0.5 * (1 + math.cos(math.pi * (frac - warm) / max(epochs - warm, 1e-9)))
+            factor = frac / warm if frac < warm else cosine
             for grp, b in zip(opt.param_groups, base):
                 grp["lr"] = sched.lr * b * max(factor, 1e-3 if frac < warm else 0.0)
             idx = perm[i * bs:(i + 1) * bs]

@@ -32,7 +32,6 @@ import time
 from typing import Any, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ds_conadv.config import ConAdvConfig
@@ -177,7 +176,8 @@ def run_spec(spec: Dict[str, Any], task: Task, split: str = "val", robustness: b
         model = convert_dual_bn(model)
     if spec.get("absa"):
         from .absa_run import run_absa
-        return run_absa(spec, task, model, split, progress)
+        return run_absa(spec, task, model, split, progress, build_optimizer=_optimizer, adv_config=adv_config,
+                        evaluate=evaluate)
     opt = _optimizer(model, spec)
     n = len(task.y_train)
     batch = spec["batch"]

@@ -440,7 +440,8 @@ def markdown(summary: Dict[str, Any]) -> str:
         fin = entry.get("final")
         if fin:
             lines += [f"**{task}** (test accuracy %, mean ± std over {summary['settings']['seeds']} seeds)", "",
-                      "| regime | test | train | val | gap recovered (vs its optimizer) | steps | wall s | PGD-10 | configured |",
+                      "| regime | test | train | val | gap recovered (vs its optimizer) | steps | wall s | PGD-10 "
+                      "| configured |",
                       "|---|---|---|---|---|---|---|---|---|"]
             for k in REGIMES:
                 if k not in fin:
