@@ -76,7 +76,8 @@ def resolve_train_args(args: argparse.Namespace):
     cfg, notes = train.apply_overrides(raw, mode=args.mode, epochs=args.epochs, optimizer=args.optimizer,
                                        zero_stage=args.zero_stage, out_dir=args.out_dir, seed=args.seed,
                                        max_steps=args.max_steps, sets=args.set)
-    return train.validate_config(cfg), name, notes
+    world = os.environ.get("WORLD_SIZE") or getattr(args, "nproc", None)
+    return train.validate_config(cfg, world_size=int(world) if world else None), name, notes
 
 
 def _under_launcher() -> bool:

@@ -86,6 +86,7 @@ def test_conadv_engine_says_when_the_epilogue_hook_is_missing(monkeypatch):
         zero_optimization_stage=lambda: 0,
         parameters=model.parameters,
         train=model.train,
+        gradient_accumulation_steps=lambda: 1,
         eval=model.eval,
     )
     cfg = ConAdvConfig(enabled=True, epsilon=0.1, dual_bn=False)

@@ -99,3 +99,36 @@ def test_gradient_accumulation_and_bf16(tmp_path):
     a, b = tensors(r, buffers=False), tensors(fp32, buffers=False)
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 0.05 * b[k].abs().max() + 1e-3, k
+
+
+def _fake_engine(model, gas=1):
+    import types
+
+    return types.SimpleNamespace(module=model, device=torch.device("cpu"), zero_optimization=lambda: False,
+                                 zero_optimization_stage=lambda: 0, parameters=model.parameters, train=model.train,
+                                 eval=model.eval, gradient_accumulation_steps=lambda: gas)
+
+
+def test_sync_batchnorm_with_overlap_is_refused():
+    """SyncBatchNorm's all-reduces on the generation thread and the gradient reduction on the backward thread
+    would share one process group in no agreed order: refused with the layer named; fine without overlap."""
+    from ds_conadv.config.sections import ConAdvConfig, ConfigError
+    from ds_conadv.integrations.deepspeed.engine import DeepSpeedConAdvEngine
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.SyncBatchNorm(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(3))
+    cfg = ConAdvConfig(enabled=True, epsilon=0.1, dual_bn=False)
+    with pytest.raises(ConfigError, match=r"SyncBatchNorm layers \(1\)"):
+        DeepSpeedConAdvEngine(_fake_engine(model), cfg)
+    engine = DeepSpeedConAdvEngine(_fake_engine(model), cfg, overlap=False)
+    assert not engine.overlap
+
+
+def test_engine_counts_tau_in_optimizer_steps():
+    from ds_conadv.config.sections import ConAdvConfig
+    from ds_conadv.integrations.deepspeed.engine import DeepSpeedConAdvEngine
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    engine = DeepSpeedConAdvEngine(_fake_engine(model, gas=4), ConAdvConfig(enabled=True, epsilon=0.1,
+                                                                             dual_bn=False, tau=2), overlap=False)
+    assert engine.schedule.micro_batches_per_step == 4 and engine.schedule.lookahead == 8

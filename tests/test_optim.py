@@ -272,6 +272,22 @@ def test_skip_nonfinite_is_global_and_checked(cls):
         opt.step()
 
 
+def test_load_state_dict_keeps_segment_layouts():
+    """torch's load_state_dict goes through __setstate__: the layouts a ZeRO wrapper set (and the attachment)
+    belong to this object and must survive it (a copy or a pickle starts without them)."""
+    flat = torch.randn(10, requires_grad=True)
+    opt = LAMB([flat], lr=0.01)
+    opt.set_segment_layout(0, SegmentLayout([[(0, 4, 0), (4, 6, 1)]], num_ids=2))
+    flat.grad = torch.randn(10)
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    assert opt._layouts and int(opt.skipped_steps) == 0
+    flat.grad = torch.randn(10)
+    opt.step()
+    assert opt.trust_ratios[0].shape == (2,)
+    assert not copy.deepcopy(opt)._layouts
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("cls", [LAMB, LARS, FusedLAMB])
 def test_copy_and_pickle_round_trip(cls, how):
@@ -408,6 +424,11 @@ def test_param_groups_recipe():
     (dict(min_trust_ratio=2.0, max_trust_ratio=1.0), "min_trust_ratio=2.0 is larger"),
     (dict(max_grad_norm=0.0), "max_grad_norm=0.0 must be > 0"),
     (dict(trust_clip="yes"), "trust_clip='yes' must be True or False"),
+    (dict(lr=float("nan")), "lr=nan must be a finite number"),
+    (dict(lr=float("inf")), "lr=inf must be a finite number"),
+    (dict(weight_decay=float("inf")), "weight_decay=inf must be a finite number"),
+    (dict(eps=float("nan")), "eps=nan must be a finite number"),
+    (dict(max_grad_norm=float("inf")), "max_grad_norm=inf must be a finite number"),
 ])
 def test_lamb_rejects_bad_arguments(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -417,6 +438,9 @@ def test_lamb_rejects_bad_arguments(bad, match):
 @pytest.mark.parametrize("bad,match", [
     (dict(nesterov=True, momentum=0.0), "nesterov=True requires momentum > 0"),
     (dict(trust_coefficient=0.0), "trust_coefficient=0.0 must be > 0"),
+    (dict(momentum=float("nan")), "momentum=nan must be a finite number"),
+    (dict(momentum=5.0), "momentum=5.0 must be < 1"),
+    (dict(lr=float("-inf")), "lr=-inf must be a finite number"),
 ])
 def test_lars_rejects_bad_arguments(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -176,11 +176,13 @@ def _validate_scheduler(section: Any) -> None:
         scheduler_factory(probe)
 
 
-def validate_config(cfg: Dict[str, Any], check_deepspeed: bool = False) -> ResolvedConfig:
+def validate_config(cfg: Dict[str, Any], check_deepspeed: bool = True,
+                    world_size: Optional[int] = None) -> ResolvedConfig:
     """Validate a whole job config: comments stripped, then our sections (``train``, ``conadv``, our optimizer
     types' params, our scheduler types) with their models. Errors name the key and the allowed keys.
-    ``check_deepspeed`` also builds DeepSpeed's own ``DeepSpeedConfig`` from it (its pydantic sections reject
-    unknown keys; batch sizes are checked for the current world size, 1 without torch.distributed)."""
+    ``check_deepspeed`` also runs DeepSpeed's own checks (:func:`compat.check_config`: its pydantic sections,
+    unknown top-level keys, ``gradient_clipping``); with ``world_size`` the batch keys are checked for that many
+    ranks."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"a config is a JSON object, got {type(cfg).__name__}")
     raw = strip_comments(cfg)
@@ -215,21 +217,23 @@ def validate_config(cfg: Dict[str, Any], check_deepspeed: bool = False) -> Resol
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f'"{key}" = {value!r}: must be a positive integer')
     if check_deepspeed:
-        _check_with_deepspeed(raw)
+        _check_with_deepspeed(raw, world_size)
     return ResolvedConfig(raw, train, conadv)
 
 
-def _check_with_deepspeed(raw: Dict[str, Any]) -> None:
-    compat.quiet_import()
-    from deepspeed.runtime.config import DeepSpeedConfig
+#: the top-level sections ds_conadv reads (DeepSpeed reads the rest; "optimizer" is both)
+OUR_SECTIONS = ("train", "conadv", "absa", "optimizer")
 
-    ds = copy.deepcopy(raw)
-    for key in ("train", "conadv", "optimizer"):
-        ds.pop(key, None)  # ours (DeepSpeed would look the optimizer type up by name)
-    try:
-        DeepSpeedConfig(ds)
-    except Exception as e:  # pydantic ValidationError, AssertionError of the batch checks, ...
-        raise ConfigError(f"DeepSpeed rejects the config: {e}") from None
+
+def _check_with_deepspeed(raw: Dict[str, Any], world_size: Optional[int]) -> None:
+    """DeepSpeed's own sections and unknown top-level keys (one line each, before any rank starts); the batch
+    keys against the number of ranks when it is known."""
+    compat.quiet_import()
+    compat.check_config(raw, ours=OUR_SECTIONS)
+    if world_size is not None:
+        from ds_conadv.app.horovod_train import resolve_batch
+
+        resolve_batch(raw, world_size)  # DeepSpeed's rule train_batch_size = micro x accumulation x ranks
 
 
 def check_runnable(resolved: ResolvedConfig) -> None:

@@ -196,9 +196,12 @@ def optimizer_arguments(cls) -> Dict[str, inspect.Parameter]:
 def validate_optimizer_params(cls, params: Optional[Dict[str, Any]]) -> Tuple[dict, dict]:
     """Split and check ``optimizer.params``: (optimizer kwargs, grouping options). Types are checked by
     building the optimizer (its own validation names the key); unknown keys are rejected here."""
-    params = dict(params or {})
+    if params is None:
+        params = {}
     if not isinstance(params, dict):
-        raise ConfigError(f'"optimizer.params" must be a JSON object, got {type(params).__name__}')
+        raise ConfigError(f'"optimizer.params" = {params!r}: must be a JSON object (e.g. {{"lr": 0.1}}), '
+                          f"got {type(params).__name__}")
+    params = dict(params)
     allowed = optimizer_arguments(cls)
     grouping = {k: params.pop(k) for k in GROUPING_KEYS if k in params}
     unknown = [k for k in params if k not in allowed]

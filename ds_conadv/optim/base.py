@@ -1,6 +1,7 @@
 """What LAMB and LARS share: state, master weights, global clipping, GradScaler, segments, dispatch."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import repeat
 from operator import is_not
@@ -65,6 +66,8 @@ def _flat(t: Tensor) -> Tensor:
 def _check_float(name: str, value, low=None, high=None, low_open=False):
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name}={value!r} must be a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")
     if low is not None and (value < low or (low_open and value == low)):
         raise ValueError(f"{name}={value!r} must be {'>' if low_open else '>='} {low}")
     if high is not None and value >= high:
@@ -114,11 +117,15 @@ class TrustRatioOptimizer(Optimizer):
         return state
 
     def __setstate__(self, state):
+        # two callers: unpickling / copy.deepcopy (a fresh object: its runtime state starts empty) and torch's
+        # load_state_dict (this object: its segment layouts and attachment to a wrapper must survive)
+        fresh = "_layouts" not in self.__dict__
         state = dict(state)
         skipped = state.pop("_skipped_steps", None)
         super().__setstate__(state)
-        self._skipped_steps = skipped
-        self._reset_runtime_state()
+        if fresh:
+            self._skipped_steps = skipped
+            self._reset_runtime_state()
         for group in self.param_groups:
             group.setdefault("skip_nonfinite", True)
 

@@ -48,7 +48,7 @@ class LARS(TrustRatioOptimizer):
         lr = group["lr"]
         if not hasattr(lr, "item"):
             _check_float("lr", lr, low=0.0)
-        _check_float("momentum", group["momentum"], low=0.0)
+        _check_float("momentum", group["momentum"], low=0.0, high=1.0)  # >= 1 never forgets: the buffer grows
         _check_float("dampening", group["dampening"], low=0.0)
         _check_float("weight_decay", group["weight_decay"], low=0.0)
         _check_float("trust_coefficient", group["trust_coefficient"], low=0.0, low_open=True)

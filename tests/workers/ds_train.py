@@ -81,7 +81,8 @@ def main():
         grad.view(-1)[grad.numel() // 2] = float("nan")
         return grad
 
-    list(engine.module.parameters())[-2].register_hook(_poison)  # the last Linear's weight
+    if args.nan_at is not None:  # a tensor hook changes when DeepSpeed sees the gradient: only when asked
+        list(engine.module.parameters())[-2].register_hook(_poison)  # the last Linear's weight
     for step in range(start, args.steps):
         poison["armed"] = step == args.nan_at
         x, y = batch(step, rank, world)

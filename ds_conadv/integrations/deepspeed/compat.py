@@ -20,11 +20,13 @@ naming what may break, outside it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
+import logging
 import os
 import re
 import warnings
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 __all__ = [
     "SUPPORTED",
@@ -139,6 +141,138 @@ def quiet_import() -> Any:
     check_version()
     skip_shm_op_build()
     return deepspeed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config: DeepSpeed's own checks before any rank starts, in one line
+# ----------------------------------------------------------------------------------------------------------
+class _KeyLog(set):
+    """Shared by every copy of a :class:`_ReadTracking` dict (DeepSpeed copies its config)."""
+
+    def __deepcopy__(self, memo: Any) -> "_KeyLog":
+        return self
+
+    def __copy__(self) -> "_KeyLog":
+        return self
+
+
+class _KeysView:
+    def __init__(self, owner: "_ReadTracking") -> None:
+        self.owner = owner
+
+    def __contains__(self, key: Any) -> bool:
+        self.owner.read.add(key)
+        return dict.__contains__(self.owner, key)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(dict.keys(self.owner))
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+
+class _ReadTracking(dict):
+    """A config dict that notes every top-level key DeepSpeed asks for (present or not)."""
+
+    read: _KeyLog
+
+    def __getitem__(self, key: Any) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: Any) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def keys(self) -> Any:  # type: ignore[override]
+        return _KeysView(self)
+
+
+#: batch keys as DeepSpeedConfig sees them during validation: the relation of the real ones to the world size is
+#: checked by the caller, which knows how many ranks will start (DeepSpeedConfig assumes 1 without a process group)
+_NEUTRAL_BATCH = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _one_line(exc: BaseException, cfg: Dict[str, Any]) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):  # a pydantic ValidationError of one of DeepSpeed's sections
+        try:
+            parts = []
+            for e in errors():
+                loc = [str(x) for x in e.get("loc", ())]
+                section = next((k for k, v in cfg.items() if isinstance(v, dict) and loc and loc[0] in v), None)
+                key = ".".join(([section] if section else []) + loc) or "<section>"
+                if e.get("type") == "extra_forbidden":
+                    parts.append(f'unknown key "{key}"')
+                else:
+                    parts.append(f'"{key}" = {e.get("input")!r}: {e.get("msg")}')
+            if parts:
+                return "; ".join(parts)
+        except Exception:  # pragma: no cover - fall back to the text
+            pass
+    text = " ".join(str(exc).split())
+    return text[:400] + ("..." if len(text) > 400 else "")
+
+
+def deepspeed_config_keys() -> frozenset:
+    """The top-level keys the installed DeepSpeed reads from a config (asked of DeepSpeedConfig itself, so the
+    answer follows the installed release)."""
+    global _DS_KEYS
+    if _DS_KEYS is None:
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        probe = _ReadTracking(_NEUTRAL_BATCH, train_batch_size=None)
+        probe.read = _KeyLog()
+        with log_level(logging.ERROR):
+            DeepSpeedConfig(probe)
+        _DS_KEYS = frozenset(k for k in probe.read if isinstance(k, str)) | _READ_OUTSIDE_CONFIG
+    return _DS_KEYS
+
+
+_DS_KEYS: Optional[frozenset] = None
+#: top-level sections DeepSpeed reads outside DeepSpeedConfig (its engine, launcher and autotuner)
+_READ_OUTSIDE_CONFIG = frozenset({"optimizer", "scheduler", "autotuning", "zero_allow_untested_optimizer"})
+
+
+def check_config(cfg: Dict[str, Any], ours: Iterable[str] = ()) -> None:
+    """DeepSpeed's checks of ``cfg`` (our sections ``ours`` already removed by the caller or listed here), before
+    any rank starts, every failure as one :class:`~ds_conadv.config.ConfigError` line:
+
+    * a top-level key neither DeepSpeed nor ds_conadv reads (DeepSpeed would ignore it silently), with the
+      closest known key;
+    * DeepSpeed's own pydantic sections (``zero_optimization``, ``bf16``, ...): unknown keys, types, ranges;
+    * ``gradient_clipping``: a finite number >= 0 (DeepSpeed takes any number).
+    """
+    import difflib
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from ds_conadv.config.sections import ConfigError
+
+    ours = set(ours)
+    known = deepspeed_config_keys() | ours
+    for key in cfg:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            hint = f'; did you mean "{close[0]}"?' if close else ""
+            raise ConfigError(f'unknown top-level key "{key}": neither DeepSpeed {_installed_version()} nor '
+                              f"ds_conadv reads it{hint}")
+    clip = cfg.get("gradient_clipping")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0
+                             or clip == float("inf")):
+        raise ConfigError(f'"gradient_clipping" = {clip!r}: must be a finite number >= 0 (0: no clipping)')
+    ds_cfg = {k: copy.deepcopy(v) for k, v in cfg.items() if k not in ours and k not in _BATCH_KEYS}
+    ds_cfg.update(_NEUTRAL_BATCH)  # consistent for any world size (DeepSpeed derives train_batch_size)
+    try:
+        with log_level(logging.ERROR):
+            DeepSpeedConfig(ds_cfg)
+    except Exception as e:  # pydantic ValidationError, assertions, ValueError, ...
+        raise ConfigError(f"DeepSpeed rejects the config: {_one_line(e, ds_cfg)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -109,9 +109,20 @@ class DeepSpeedConAdvEngine(EngineWrapper, ConAdvTrainer):
         if self.overlap and stage >= 3:
             raise ValueError("ConAdv overlap under ZeRO stage 3 would interleave the generation's parameter "
                              "all-gathers with the backward's collectives; use stage 0-2 or overlap=False")
-        rank = int(os.environ.get("RANK", "0"))
+        if self.overlap:
+            sync_bn = [name for name, m in ds_engine.module.named_modules()
+                       if isinstance(m, torch.nn.SyncBatchNorm)]
+            if sync_bn:
+                raise ConfigError(
+                    f"SyncBatchNorm layers ({', '.join(sync_bn[:3])}{', ...' if len(sync_bn) > 3 else ''}) with the "
+                    "ConAdv overlap: their all-reduces (generation on the main thread) and the gradient reduction "
+                    "(on the backward thread) would share the process group in no agreed order across ranks; "
+                    "use BatchNorm (ConAdv's dual BN keeps per-rank statistics, as the paper) or overlap=False")
+        # the process group's rank (a launcher's RANK variable need not be set, e.g. under mpirun)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", "0"))
         super().__init__(ds_engine, ds_engine, loss_fn, cfg, seed=seed + 1000003 * rank,
-                         steps_per_epoch=steps_per_epoch, device=ds_engine.device)
+                         steps_per_epoch=steps_per_epoch, device=ds_engine.device,
+                         micro_batches_per_step=int(ds_engine.gradient_accumulation_steps()))
         self.generation_model = ds_engine.module
         self._worker: Optional[ThreadPoolExecutor] = None
         self._pending: Optional[Future] = None

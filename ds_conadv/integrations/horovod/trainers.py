@@ -102,7 +102,8 @@ class HorovodConAdvTrainer(ConAdvTrainer):
         self.gradient_accumulation_steps = k
         self.seed = seed
         super().__init__(model, optimizer, loss_fn, cfg, lr_scheduler=lr_scheduler, seed=seed + 1000003 * self.rank,
-                         steps_per_epoch=steps_per_epoch, device=device, attack_loss_fn=attack_loss_fn, split=split)
+                         steps_per_epoch=steps_per_epoch, device=device, attack_loss_fn=attack_loss_fn, split=split,
+                         micro_batches_per_step=k)
         self.global_step = 0
         self._micro = 0
         self.last_timings: Dict[str, float] = {}
