@@ -262,10 +262,13 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
         if _under_launcher():
             raise UsageError("--nproc starts the ranks itself; it cannot be used under torchrun/deepspeed "
                              "(RANK/WORLD_SIZE are set)")
+    if args.save_every and not resolved.train.out_dir and _under_launcher() \
+            and not os.environ.get(reliability.RUN_DIR_ENV):
+        raise UsageError("--save-every under torchrun/deepspeed needs --out-dir: every rank writes into the same "
+                         "checkpoint folder")
     out_dir = resolved.train.out_dir or default_out_dir(name)
     if resume:
         from ds_conadv.app.train import find_checkpoint
-
         from ds_conadv.checkpointing import verify_directory
 
         verify_directory(find_checkpoint(resume))  # refuse a bad checkpoint before any rank starts
