@@ -254,6 +254,25 @@ def test_resume_continues_bit_exactly(resumed_runs):
     assert sorted(os.listdir(split / "checkpoints")) == ["step8"]  # the newest only
 
 
+def test_two_rank_resume_through_the_wrapper_is_bit_exact(tmp_path):
+    """--nproc 2, ZeRO 1: 6 steps at once vs 3 steps with a checkpoint, resumed to 6 in the same folder."""
+    def run(out, *extra):
+        cmd = [sys.executable, "-m", "ds_conadv.cli", "train", "--nproc", "2", "--out-dir", str(out), *FAST, *extra]
+        proc = subprocess.run(cmd, env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(tmp_path / "whole", "--max-steps", "6")
+    run(tmp_path / "split", "--max-steps", "3", "--save-every", "3")
+    run(tmp_path / "split", "--max-steps", "6", "--resume")
+    a, b = _rows(tmp_path / "whole" / "metrics.csv"), _rows(tmp_path / "split" / "metrics.csv")
+    for key in ("lr", "loss", "clean_acc", "adv_acc"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    sa = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    sb = json.loads((tmp_path / "split" / "metrics.json").read_text())
+    assert [r["param_checksum"] for r in sa["ranks"]] == [r["param_checksum"] for r in sb["ranks"]]
+    assert sb["ranks_agree"] and sb["final_test_clean_acc"] == sa["final_test_clean_acc"]
+
+
 def _flip(path: Path):
     data = bytearray(path.read_bytes())
     mid = len(data) // 2

@@ -195,6 +195,9 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
         job = torch.load(os.path.join(ckpt, "state", f"job_rank{rank}.pt"), weights_only=False)
         step, rows, evals, step_times = job["step"], job["rows"], job["evals"], job["step_times"]
         torch.set_rng_state(job["torch_rng"])
+        with torch.no_grad():  # this rank's buffers (BN running stats are per rank; DeepSpeed saves rank 0's)
+            for name, buf in engine.module.named_buffers():
+                buf.copy_(job["buffers"][name])
         if rank == 0:
             print(f"ds-conadv train: resumed from {ckpt} at step {step}", file=out, flush=True)
     # the data stream where the checkpoint left it: the micro-batches already pulled (those queued for their
@@ -209,7 +212,9 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
         final = os.path.join(ckpt_root, f"step{at_step}")
         engine.save_checkpoint(staging, tag="state")
         torch.save({"step": at_step, "rows": rows, "evals": evals, "step_times": step_times,
-                    "torch_rng": torch.get_rng_state()}, os.path.join(staging, "state", f"job_rank{rank}.pt"))
+                    "torch_rng": torch.get_rng_state(),
+                    "buffers": {name: buf.detach().cpu().clone() for name, buf in engine.module.named_buffers()}},
+                   os.path.join(staging, "state", f"job_rank{rank}.pt"))
         if world > 1:
             tdist.barrier()  # every rank's files are in the staging folder
         if rank == 0:
