@@ -4,11 +4,12 @@ folder."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import socket
 import time
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -133,11 +134,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def distributed(backend: str) -> Iterator[Tuple[int, int, int, bool]]:
+def distributed(backend: str, timeout: Optional[float] = None) -> Iterator[Tuple[int, int, int, bool]]:
     """torch.distributed for the job: reuses a process group that exists; under a launcher (RANK/WORLD_SIZE set)
     initialises from the environment; alone, initialises a world of 1 on a free local port. Yields
     (rank, world size, local world size, created); a group created here is destroyed and environment
-    variables set here are removed at the end (so the job can run inside another process, e.g. a test)."""
+    variables set here are removed at the end (so the job can run inside another process, e.g. a test).
+    ``timeout`` (seconds): how long a collective waits for a peer before it fails (torch's default if None)."""
     import torch.distributed as tdist
 
     import deepspeed
@@ -155,7 +157,8 @@ def distributed(backend: str) -> Iterator[Tuple[int, int, int, bool]]:
             if key not in os.environ:
                 os.environ[key] = value
                 added.append(key)
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        extra = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **extra)
         created = True
     try:
         world = tdist.get_world_size()

@@ -47,6 +47,9 @@ def load_config_file(path: str) -> Dict[str, Any]:
             text = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
+    if not text.strip():
+        raise ConfigError(f"config {path} is empty: expected one JSON object (DeepSpeed's keys plus the "
+                          '"optimizer", "conadv" and "train" sections; see configs/conadv_digits.json)')
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

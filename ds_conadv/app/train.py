@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ds_conadv.checkpointing import CheckpointError, commit_directory, read_manifest, verify_directory
 from ds_conadv.config.builders import AUTO as _AUTO
 from ds_conadv.config.sections import ConfigError
 from ds_conadv.integrations.deepspeed import compat
@@ -34,17 +36,74 @@ from .common import (DigitsCNN, attack_description, batch_geometry, default_out_
                      evaluate, gather_ranks, plot_curves, prepare_data, print_accuracies, rank_batches)
 from .common import _fmt
 from .job_config import DEFAULT_CONFIG_NAME, ResolvedConfig, check_runnable
+from .reliability import TrainingDiverged
 
-__all__ = ["CSV_FIELDS", "run", "prepare_data"]
+__all__ = ["CSV_FIELDS", "run", "prepare_data", "RunOptions", "find_checkpoint"]
 
 #: the metrics of every step, in the order of metrics.csv's columns
 CSV_FIELDS = ("step", "epoch", "lr", "loss", "clean_loss", "adv_loss", "clean_acc", "adv_acc", "step_time",
-              "stale_by", "generated_now", "test_clean_acc", "test_adv_acc")
+              "stale_by", "generated_now", "skipped", "skipped_total", "test_clean_acc", "test_adv_acc")
+
+
+class RunOptions:
+    """The run's reliability knobs (from the command line, not the config): checkpoints every ``save_every``
+    steps into ``<out_dir>/checkpoints``, ``resume`` from a committed checkpoint folder, the process-group
+    timeout ``rank_timeout`` (seconds) and ``max_skipped`` consecutive skipped optimizer steps before the run
+    is stopped as diverged."""
+
+    def __init__(self, save_every: int = 0, resume: Optional[str] = None, rank_timeout: float = 60.0,
+                 max_skipped: int = 10):
+        self.save_every = int(save_every or 0)
+        self.resume = resume
+        self.rank_timeout = float(rank_timeout)
+        self.max_skipped = int(max_skipped)
+
+
+def _step_of(name: str) -> Optional[int]:
+    return int(name[4:]) if name.startswith("step") and name[4:].isdigit() else None
+
+
+def find_checkpoint(path: str) -> str:
+    """The committed checkpoint folder ``path`` names: itself (it holds a manifest), else the newest ``step<N>``
+    in it or in its ``checkpoints/``. Raises :class:`CheckpointError` naming ``path`` when there is none."""
+    from ds_conadv.checkpointing import MANIFEST
+
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return path
+    if os.path.exists(os.path.join(path, "latest")) or os.path.isdir(os.path.join(path, "state")):
+        read_manifest(path)  # a checkpoint without its manifest: raises, saying so
+    for root in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(root):
+            steps = [(s, n) for n in os.listdir(root) if (s := _step_of(n)) is not None]
+            if steps:
+                return os.path.join(root, max(steps)[1])
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path}: no such directory")
+    raise CheckpointError(f"checkpoint {path}: no committed checkpoint (step<N>/ with a manifest.json) in it")
+
+
+def _base_optimizer(engine: Any) -> Any:
+    """Our optimizer inside DeepSpeed's wrappers (the object that counts ``skipped_steps``), or None."""
+    opt = getattr(engine, "basic_optimizer", None) or getattr(engine, "optimizer", None)
+    for _ in range(4):
+        if opt is None or torch.is_tensor(getattr(opt, "skipped_steps", None)):
+            return opt
+        opt = getattr(opt, "optimizer", None)
+    return None
+
+
+def _skipped_total(engine: Any, opt: Any) -> int:
+    """Optimizer steps skipped so far: our optimizer's non-finite skips plus DeepSpeed's overflow skips."""
+    total = int(getattr(engine, "skipped_steps", 0) or 0)
+    if opt is not None and torch.is_tensor(getattr(opt, "skipped_steps", None)):
+        total += int(opt.skipped_steps.item())
+    return total
 
 
 def run(resolved: ResolvedConfig, *, config_name: str = DEFAULT_CONFIG_NAME, progress: bool = True,
-        out=None) -> Optional[Dict[str, Any]]:
+        out=None, options: Optional[RunOptions] = None) -> Optional[Dict[str, Any]]:
     """Run the job on this rank. Returns the summary (what metrics.json holds) on rank 0, None elsewhere."""
+    options = options or RunOptions()
 
     check_runnable(resolved)
     compat.quiet_import()
@@ -57,20 +116,21 @@ def run(resolved: ResolvedConfig, *, config_name: str = DEFAULT_CONFIG_NAME, pro
     ds_level = deepspeed.utils.logger.level
     deepspeed.utils.logger.setLevel(logging.WARNING)  # DeepSpeed's INFO lines would break up the progress bar
     try:
-        with distributed(backend) as (rank, world, local_world, _), warnings.catch_warnings():
+        with distributed(backend, timeout=options.rank_timeout) as (rank, world, local_world, _), \
+                warnings.catch_warnings():
             # ZeRO 1/2 on gloo call a collective that torch has deprecated: not ours to fix, nor the user's
             warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
                                     category=FutureWarning)
             threads = resolved.train.threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
             torch.set_num_threads(threads)
-            return _run(resolved, config_name, progress, out or sys.stdout, rank, world, threads)
+            return _run(resolved, config_name, progress, out or sys.stdout, rank, world, threads, options)
     finally:
         torch.set_num_threads(threads_before)
         deepspeed.utils.logger.setLevel(ds_level)
 
 
 def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: int, world: int,
-         threads: int) -> Optional[Dict[str, Any]]:
+         threads: int, options: RunOptions) -> Optional[Dict[str, Any]]:
     import logging
 
     import torch.distributed as tdist
@@ -83,6 +143,10 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
 
     if resolved.absa_enabled:
         from .absa_train import run_absa
+
+        if options.save_every or options.resume:
+            raise ConfigError("--save-every/--resume: the ABSA job (\"absa.enabled\") has no checkpoints yet; "
+                              "run it without them")
 
         return run_absa(resolved, config_name, progress, out, rank, world, threads)
     tc = resolved.train
@@ -118,10 +182,53 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
         engine, _, _, _ = initialize(model=model, config=ds_cfg, loss_fn=loss_fn, conadv_seed=tc.seed,
                                      steps_per_epoch=micro_per_epoch)
     device = engine.device
-    stream = ((x_tr_n[idx], y_tr[idx]) for _, idx in rank_batches(n, micro, micro_per_epoch, rank, world, tc.seed))
+    out_dir = tc.out_dir or default_out_dir(config_name)
+    ckpt_root = os.path.join(out_dir, "checkpoints")
+    rows: List[Dict[str, Any]] = []
+    evals: List[Dict[str, Any]] = []
+    step_times: List[float] = []
+    step = 0
+    if options.resume:
+        ckpt = find_checkpoint(options.resume)
+        verify_directory(ckpt)  # every rank, before anything is loaded: a bad file raises, naming it
+        engine.load_checkpoint(ckpt, tag="state")
+        job = torch.load(os.path.join(ckpt, "state", f"job_rank{rank}.pt"), weights_only=False)
+        step, rows, evals, step_times = job["step"], job["rows"], job["evals"], job["step_times"]
+        torch.set_rng_state(job["torch_rng"])
+        with torch.no_grad():  # this rank's buffers (BN running stats are per rank; DeepSpeed saves rank 0's)
+            for name, buf in engine.module.named_buffers():
+                buf.copy_(job["buffers"][name])
+        if rank == 0:
+            print(f"ds-conadv train: resumed from {ckpt} at step {step}", file=out, flush=True)
+    # the data stream where the checkpoint left it: the micro-batches already pulled (those queued for their
+    # adversarial examples included) are skipped; the data order is a function of (seed, epoch)
+    batches = rank_batches(n, micro, micro_per_epoch, rank, world, tc.seed)
+    stream = ((x_tr_n[idx], y_tr[idx])
+              for _, idx in itertools.islice(batches, engine.schedule.batches_consumed, None))
+    base_opt = _base_optimizer(engine)
+
+    def save(at_step: int) -> None:
+        staging = os.path.join(ckpt_root, f".staging-step{at_step}")
+        final = os.path.join(ckpt_root, f"step{at_step}")
+        engine.save_checkpoint(staging, tag="state")
+        torch.save({"step": at_step, "rows": rows, "evals": evals, "step_times": step_times,
+                    "torch_rng": torch.get_rng_state(),
+                    "buffers": {name: buf.detach().cpu().clone() for name, buf in engine.module.named_buffers()}},
+                   os.path.join(staging, "state", f"job_rank{rank}.pt"))
+        if world > 1:
+            tdist.barrier()  # every rank's files are in the staging folder
+        if rank == 0:
+            commit_directory(staging, final, meta={"step": at_step, "world_size": world})
+            for name in os.listdir(ckpt_root):  # keep the newest checkpoint only
+                s = _step_of(name)
+                if s is not None and s < at_step:
+                    import shutil
+
+                    shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+        if world > 1:
+            tdist.barrier()
 
     # ---- outputs (rank 0) ----------------------------------------------------------------------------------------
-    out_dir = tc.out_dir or default_out_dir(config_name)
     paths = {"out_dir": out_dir, "metrics_csv": os.path.join(out_dir, "metrics.csv"),
              "metrics_json": os.path.join(out_dir, "metrics.json"), "plot": os.path.join(out_dir, "curves.png")}
     csv_file = writer = None
@@ -130,50 +237,69 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
         csv_file = open(paths["metrics_csv"], "w", newline="", encoding="utf-8")
         writer = csv.DictWriter(csv_file, fieldnames=CSV_FIELDS)
         writer.writeheader()
+        for row in rows:  # a resumed run: the steps before the checkpoint
+            writer.writerow({k: _fmt(row.get(k)) for k in CSV_FIELDS})
+        csv_file.flush()
         print(f"ds-conadv train: {describe_mode(resolved)} with {resolved.optimizer_type}, "
               f"ZeRO {ds_cfg.get('zero_optimization', {}).get('stage', 0)}, {world} rank(s) x {threads} thread(s), "
               f"global batch {micro * gas * world} ({micro} x {gas} x {world}), {steps_per_epoch} steps/epoch, "
               f"{run_steps} steps; outputs in {out_dir}", file=out, flush=True)
     desc = f"{resolved.mode} {resolved.optimizer_type} x{world}"
-    bar = tqdm(total=run_steps, desc=desc, unit="step", disable=not (progress and rank == 0), file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(total=run_steps, initial=step, desc=desc, unit="step", disable=not (progress and rank == 0),
+               file=sys.stderr, dynamic_ncols=True)
 
-    rows: List[Dict[str, Any]] = []
-    evals: List[Dict[str, Any]] = []
-    step_times: List[float] = []
     t_start = time.perf_counter()
-    step = 0
+    skipped_before = _skipped_total(engine, base_opt)
+    consecutive_skips = 0
+    if rows:
+        for row in reversed(rows):
+            if not row.get("skipped"):
+                break
+            consecutive_skips += 1
     try:
-        for epoch in range(tc.epochs):
+        for epoch in range(step // steps_per_epoch, tc.epochs):
             if step >= run_steps:
                 break
             if engine.schedule.steps_per_epoch is None:
                 engine.set_epoch(epoch)
             elif engine.epoch != epoch:  # the schedule's epoch follows from steps_per_epoch
                 raise RuntimeError(f"ConAdv schedule is at epoch {engine.epoch}, the data at {epoch}")
-            for _ in range(steps_per_epoch):
+            for _ in range(step % steps_per_epoch if epoch == step // steps_per_epoch else 0, steps_per_epoch):
                 if step >= run_steps:
                     break
                 lr = float(engine.get_lr()[0])  # the lr of this step (the scheduler moves on in the step)
                 t0 = time.perf_counter()
                 m = engine.train_batch(stream)
                 dt = time.perf_counter() - t0
-                vals = torch.tensor([m["loss"], m["clean_loss"], m["adv_loss"], m["clean_acc"], m["adv_acc"]],
+                skipped_now = _skipped_total(engine, base_opt)
+                vals = torch.tensor([m["loss"], m["clean_loss"], m["adv_loss"], m["clean_acc"], m["adv_acc"],
+                                     float(skipped_now - skipped_before)],
                                     dtype=torch.float64, device=device)  # NCCL reduces device tensors
+                skipped_before = skipped_now
                 if world > 1:
                     tdist.all_reduce(vals)
                     vals /= world
                 step += 1
                 step_times.append(dt)
                 vals = vals.tolist()
+                skipped = int(vals[5] > 0)  # any rank skipped: all did (the same reduced gradients)
+                consecutive_skips = consecutive_skips + 1 if skipped else 0
                 row = dict(step=step, epoch=epoch, lr=lr, loss=vals[0], clean_loss=vals[1],
                            adv_loss=vals[2], clean_acc=vals[3], adv_acc=vals[4],
                            step_time=dt, stale_by=m.get("stale_by"), generated_now=m.get("generated_now"),
+                           skipped=skipped, skipped_total=(rows[-1]["skipped_total"] if rows else 0) + skipped,
                            test_clean_acc=None, test_adv_acc=None)
+                diverged = None
                 if not math.isfinite(row["loss"]):
-                    raise FloatingPointError(f"training diverged at step {step} (loss {row['loss']}): lower the lr")
+                    what = ", ".join(f"{k} {row[k]}" for k in ("clean_loss", "adv_loss")
+                                     if not math.isfinite(row[k])) or f"loss {row['loss']}"
+                    diverged = (f"training diverged at step {step}: non-finite loss ({what}); "
+                                f"{row['skipped_total']} optimizer step(s) skipped so far")
+                elif options.max_skipped and consecutive_skips >= options.max_skipped:
+                    diverged = (f"training diverged at step {step}: {consecutive_skips} consecutive optimizer "
+                                f"steps skipped (non-finite gradients; --max-skipped {options.max_skipped})")
                 last_of_epoch = (step % steps_per_epoch == 0)
-                if step == run_steps or (last_of_epoch and (epoch + 1) % tc.eval_every == 0):
+                if diverged is None and step == run_steps or (last_of_epoch and (epoch + 1) % tc.eval_every == 0):
                     clean, adv = evaluate(engine.module, x_te, y_te, normalize, conadv, rank, world, tc.seed, device)
                     row.update(test_clean_acc=clean, test_adv_acc=adv)
                     evals.append({"step": step, "epoch": epoch, "test_clean_acc": clean, "test_adv_acc": adv})
@@ -181,7 +307,14 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
                 if rank == 0:
                     writer.writerow({k: _fmt(row[k]) for k in CSV_FIELDS})
                     csv_file.flush()
+                if diverged:
+                    raise TrainingDiverged(diverged)
+                if options.save_every and step % options.save_every == 0:
+                    save(step)
+                if rank == 0:
                     post = {"loss": f"{row['loss']:.3f}", "acc": f"{row['clean_acc']:.3f}"}
+                    if row["skipped_total"]:
+                        post["skipped"] = str(row["skipped_total"])
                     if not math.isnan(row["adv_acc"]):
                         post["adv"] = f"{row['adv_acc']:.3f}"
                     if evals:
@@ -230,6 +363,8 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
         "ranks": ranks, "ranks_agree": len({r["param_checksum"] for r in ranks}) == 1,
         "evals": evals, "paths": paths, "config_name": config_name, "config": resolved.raw,
         "device": str(device), "backend": tdist.get_backend() if tdist.is_initialized() else None,
+        "skipped_steps": rows[-1]["skipped_total"] if rows else 0,
+        "resumed_from": options.resume,
     }
     with open(paths["metrics_json"], "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, default=str)
