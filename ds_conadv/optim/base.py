@@ -419,12 +419,7 @@ class TrustRatioOptimizer(Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("ds_conadv", {})
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        # torch's load_state_dict goes through __setstate__, which forgets the runtime state (right for a copy or
-        # an unpickled optimizer); loading into this instance keeps its params, so it keeps their segment
-        # layouts (ZeRO's exact trust ratios) and its attachment
-        runtime = (self.trust_ratios, self._layouts, self._own_params, self._ds_attached)
-        super().load_state_dict(state_dict)
-        self.trust_ratios, self._layouts, self._own_params, self._ds_attached = runtime
+        super().load_state_dict(state_dict)  # through __setstate__, which keeps this instance's layouts
         # torch casts every float state tensor to its param's dtype; ours stay fp32 (bf16 params, fp32 moments
         # and master weights), so put the saved tensors back with their own dtype, on the param's device.
         params = [p for g in self.param_groups for p in g["params"]]

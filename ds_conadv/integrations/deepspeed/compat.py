@@ -188,7 +188,7 @@ class _ReadTracking(dict):
         self.read.add(key)
         return super().__contains__(key)
 
-    def keys(self) -> Any:  # type: ignore[override]
+    def keys(self) -> Any:
         return _KeysView(self)
 
 
@@ -260,11 +260,13 @@ def check_config(cfg: Dict[str, Any], ours: Iterable[str] = ()) -> None:
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
             hint = f'; did you mean "{close[0]}"?' if close else ""
-            raise ConfigError(f'unknown top-level key "{key}": neither DeepSpeed {_installed_version()} nor '
-                              f"ds_conadv reads it{hint}")
+            raise ConfigError(
+                f'unknown top-level key "{key}": neither DeepSpeed {_installed_version()} nor ds_conadv reads it{hint}'
+            )
     clip = cfg.get("gradient_clipping")
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0
-                             or clip == float("inf")):
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0 or clip == float("inf")
+    ):
         raise ConfigError(f'"gradient_clipping" = {clip!r}: must be a finite number >= 0 (0: no clipping)')
     ds_cfg = {k: copy.deepcopy(v) for k, v in cfg.items() if k not in ours and k not in _BATCH_KEYS}
     ds_cfg.update(_NEUTRAL_BATCH)  # consistent for any world size (DeepSpeed derives train_batch_size)

@@ -84,8 +84,11 @@ def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
     Returns the LAMB/LARS found, or ``None`` if the engine runs another optimizer.
     """
     # ZeRO-3's optimizer wrapper also has .module and .optimizer: a known wrapper is never taken for an engine
-    is_engine = (compat.wrapper_kind(engine_or_optimizer) is None and hasattr(engine_or_optimizer, "module")
-                 and hasattr(engine_or_optimizer, "optimizer"))
+    is_engine = (
+        compat.wrapper_kind(engine_or_optimizer) is None
+        and hasattr(engine_or_optimizer, "module")
+        and hasattr(engine_or_optimizer, "optimizer")
+    )
     wrapper = engine_or_optimizer.optimizer if is_engine else engine_or_optimizer
     trust = find_trust_optimizer(wrapper)
     if trust is None:
