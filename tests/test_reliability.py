@@ -184,6 +184,18 @@ def test_a_rank_failure_is_reported_in_one_line(tmp_path):
     assert "ChildFailedError" not in proc.stderr and "torch.distributed" not in proc.stderr.split("launching")[-1]
 
 
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_low_precision_main_job_runs(tmp_path, precision):
+    """DeepSpeed casts the parameters to bf16, not BatchNorm's running statistics: the first forward used to fail
+    ("expected scalar type BFloat16 but found Float"); the statistics now follow the parameters."""
+    cmd = [sys.executable, "-m", "ds_conadv.cli", "train", "--nproc", "1", "--max-steps", "2", "--out-dir",
+           str(tmp_path / "run"), "--set", f"{precision}.enabled=true", *FAST]
+    proc = subprocess.run(cmd, env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path / "run" / "metrics.csv")
+    assert len(rows) == 2 and all(r["loss"] not in ("", "nan") for r in rows)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # one-line errors
 # ----------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from ds_conadv.config.builders import build_from_spec, optimizer_params, optimiz
 from ds_conadv.config.sections import ConAdvConfig, ConfigError, strip_comments
 from ds_conadv.conadv.trainer import prepare_model
 from ds_conadv.optim import TrustRatioOptimizer
+from ds_conadv.torch_compat import BatchNormBase
 
 from .zero_layout import attach
 
@@ -148,6 +149,20 @@ def validate_config(config) -> Dict[str, Any]:
     return cfg
 
 
+def _norm_buffers_follow_params(module: torch.nn.Module) -> None:
+    """Under bf16/fp16 DeepSpeed casts a model's parameters, not its buffers: a BatchNorm then holds bf16 weights
+    and fp32 running statistics, and its forward fails on a bf16 input (on CPU). Give the floating buffers of each
+    normalisation layer its parameters' dtype, as ``model.bfloat16()`` does."""
+    for layer in module.modules():
+        params = list(layer.parameters(recurse=False))
+        if not params or not isinstance(layer, BatchNormBase):
+            continue
+        dtype = params[0].dtype
+        for name, buf in list(layer.named_buffers(recurse=False)):
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                setattr(layer, name, buf.to(dtype))
+
+
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
                mpu=None, dist_init_required=None, collate_fn=None, config=None, config_params=None, **kwargs):
     """``deepspeed.initialize`` with ds_conadv's optimizers and sections. Same arguments, same return values.
@@ -216,6 +231,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
         config=cfg, **kwargs)
     attach(engine)
+    _norm_buffers_follow_params(engine.module)
     if absa_on:
         from .engine import DeepSpeedABSAEngine
 
