@@ -63,6 +63,9 @@ def test_main_job_one_rank_in_process(tmp_path, capsys):
     assert s["world_size"] == 1 and s["global_batch"] == 256 and s["gradient_accumulation_steps"] == 2
     assert s["final_test_clean_acc"] > 0.5, s                              # chance: 0.1
     assert s["final_test_adv_acc"] > 0.3, s
+    # the standard robustness figure: untargeted PGD-10 is stronger than the configured random-target PGD-1
+    assert 0.0 <= s["final_test_pgd_acc"] < s["final_test_adv_acc"] and "PGD-10" in s["pgd_eval"], s
+    assert "PGD test accuracy:" in printed
     assert s["mean_step_time_s"] > 0 and s["ranks_agree"] and len(s["ranks"]) == 1
     assert s["config"]["scheduler"]["params"]["total_num_steps"] == 30 * 5  # "auto" = epochs x steps/epoch
     assert s["config"]["conadv"]["epsilon"] == 2.0 and "_comment" not in s["config"]

@@ -185,18 +185,38 @@ def evaluate(module, x_test, y_test, normalize, conadv: ConAdvConfig, rank: int,
     ``ds_conadv.conadv.perturb.generate`` with the configured attack (epsilon, steps, target, random start,
     clipping), made against that same eval-mode main-BN model. NaN for the adversarial accuracy when the config
     has no epsilon."""
+    attack_cfg = None
+    if conadv.epsilon is not None and conadv.perturb == "inputs":
+        attack_cfg = conadv.model_copy(update={"dual_bn": False})  # generation through the main BN
+    clean, adv = _accuracies(module, x_test, y_test, normalize, [attack_cfg], rank, world, seed, device, batch_size)
+    return clean, adv
+
+
+def evaluate_untargeted_pgd(module, x_test, y_test, normalize, conadv: ConAdvConfig, rank: int, world: int,
+                            seed: int, device, steps: int = 10, batch_size: int = 512) -> float:
+    """Test accuracy under untargeted PGD-``steps`` in the configured epsilon-ball (random start, step
+    2.5 eps / steps; :func:`ds_conadv.conadv.robustness.untargeted_pgd_config`), the standard robustness figure
+    next to the configured (often random-target, one-step) attack. NaN without an input epsilon."""
+    if conadv.epsilon is None or conadv.perturb != "inputs":
+        return float("nan")
+    from ds_conadv.conadv.robustness import untargeted_pgd_config
+
+    pgd = untargeted_pgd_config(conadv, steps)
+    return _accuracies(module, x_test, y_test, normalize, [pgd], rank, world, seed, device, batch_size)[1]
+
+
+def _accuracies(module, x_test, y_test, normalize, attacks: List[Optional[ConAdvConfig]], rank: int, world: int,
+                seed: int, device, batch_size: int) -> List[float]:
+    """[clean accuracy, accuracy under each attack (NaN for None)], summed over the ranks' shards."""
     import torch.distributed as tdist
 
     from ds_conadv.conadv.perturb import generate
 
-    attack_cfg = None
-    if conadv.epsilon is not None and conadv.perturb == "inputs":
-        attack_cfg = conadv.model_copy(update={"dual_bn": False})  # generation through the main BN
     gen = torch.Generator().manual_seed(7_919 * seed + 104_729 * rank + 1)
     dtype = next(module.parameters()).dtype
     was_training = module.training
     module.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # NCCL reduces device tensors
+    counts = torch.zeros(2 + len(attacks), dtype=torch.float64, device=device)  # NCCL reduces device tensors
     try:
         idx = torch.arange(rank, x_test.shape[0], world)
         for start in range(0, idx.numel(), batch_size):
@@ -205,19 +225,20 @@ def evaluate(module, x_test, y_test, normalize, conadv: ConAdvConfig, rank: int,
             y = y_test[sel].to(device)
             with torch.no_grad():
                 counts[0] += (module(x).argmax(1) == y).sum().item()
-            if attack_cfg is not None:
-                x_adv = generate(module, x, y, attack_cfg, generator=gen)
-                with torch.no_grad():
-                    counts[1] += (module(x_adv).argmax(1) == y).sum().item()
-            counts[2] += sel.numel()
+            for k, attack_cfg in enumerate(attacks):
+                if attack_cfg is not None:
+                    x_adv = generate(module, x, y, attack_cfg, generator=gen)
+                    with torch.no_grad():
+                        counts[1 + k] += (module(x_adv).argmax(1) == y).sum().item()
+            counts[-1] += sel.numel()
     finally:
         module.train(was_training)
     if world > 1:
         tdist.all_reduce(counts)
     counts = counts.cpu()
-    clean = float(counts[0] / counts[2])
-    adv = float(counts[1] / counts[2]) if attack_cfg is not None else float("nan")
-    return clean, adv
+    total = counts[-1]
+    return [float(counts[0] / total)] + [float(counts[1 + k] / total) if a is not None else float("nan")
+                                         for k, a in enumerate(attacks)]
 
 
 def gather_ranks(mine: Dict[str, Any], world: int) -> List[Dict[str, Any]]:

@@ -33,7 +33,8 @@ from ds_conadv.config.sections import ConfigError
 from ds_conadv.integrations.deepspeed import compat
 
 from .common import (DigitsCNN, attack_description, batch_geometry, default_out_dir, describe_mode, distributed,
-                     evaluate, gather_ranks, plot_curves, prepare_data, print_accuracies, rank_batches)
+                     evaluate, evaluate_untargeted_pgd, gather_ranks, plot_curves, prepare_data, print_accuracies,
+                     rank_batches)
 from .common import _fmt
 from .job_config import DEFAULT_CONFIG_NAME, ResolvedConfig, check_runnable
 from .reliability import TrainingDiverged
@@ -331,6 +332,11 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
             csv_file.close()
     wall = time.perf_counter() - t_start
 
+    # ---- the standard robustness figure (untargeted PGD-10) next to the configured attack, every rank's shard ----
+    pgd_steps = 10
+    test_pgd_acc = evaluate_untargeted_pgd(engine.module, x_te, y_te, normalize, conadv, rank, world, tc.seed,
+                                           device, steps=pgd_steps)
+
     # ---- every rank reports; all must hold the same weights ------------------------------------------------------
     params = list(engine.module.parameters())
     gather = (deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_stage() == 3
@@ -353,6 +359,8 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
         "final_train_clean_acc": rows[-1]["clean_acc"] if rows else float("nan"),
         "final_train_adv_acc": rows[-1]["adv_acc"] if rows else float("nan"),
         "adversarial_eval": attack_description(conadv),
+        "final_test_pgd_acc": test_pgd_acc,
+        "pgd_eval": f"untargeted PGD-{pgd_steps}, eps={conadv.epsilon} px, random start, eval mode, main BN",
         "mode": resolved.mode, "optimizer": resolved.optimizer_type,
         "steps": step, "epochs": math.ceil(step / steps_per_epoch), "steps_per_epoch": steps_per_epoch,
         "world_size": world, "threads_per_rank": threads, "global_batch": micro * gas * world,
@@ -375,6 +383,7 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
     print(f"finished {step} steps in {wall:.1f} s (mean step {summary['mean_step_time_s'] * 1e3:.0f} ms, "
           f"{world} rank(s){'' if summary['ranks_agree'] else ', RANKS DISAGREE'})", file=out)
     print_accuracies(out, summary["final_test_clean_acc"], adv, summary["adversarial_eval"])
+    print(f"PGD test accuracy:         {test_pgd_acc:.4f}  ({summary['pgd_eval']})", file=out)
     print(f"metrics: {paths['metrics_csv']}  {paths['metrics_json']}", file=out)
     print(f"plot:    {paths['plot']}", file=out, flush=True)
     return summary
