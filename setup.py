@@ -99,7 +99,7 @@ setup(
     package_dir=_package_dir,
     # CUDA/C++ sources ship with every kernels package (JIT-built at run time).
     package_data={**{name: KERNEL_SOURCES for name in _kpkgs + ["ds_conadv.kernels.cuda"]},
-                  "ds_conadv": ["configs/*.json"]},  # ds-conadv train's embedded configs
+                  "ds_conadv": ["configs/*.json", "py.typed"]},  # the embedded configs; PEP 561 marker
     install_requires=[
         "torch>=2.1",
         "numpy",

@@ -324,6 +324,9 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ds-conadv", description=__doc__.split("\n\n")[0])
+    from ds_conadv import __version__
+
+    p.add_argument("--version", action="version", version=f"ds-conadv {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser(

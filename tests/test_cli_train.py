@@ -302,3 +302,11 @@ def test_absa_refuses_auto_total_steps(tmp_path, capsys):
         cli.main(["train", "--config", str(path), "--nproc", "2", "--out-dir", str(tmp_path / "o")])
     assert '"scheduler.params.total_num_steps" = "auto" with "absa.enabled"' in capsys.readouterr().err
 
+
+
+def test_version(capsys):
+    import ds_conadv
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"ds-conadv {ds_conadv.__version__}"
