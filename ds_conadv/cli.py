@@ -67,7 +67,10 @@ def resolve_train_args(args: argparse.Namespace):
     """(resolved config, config name, notes) for the ``train`` arguments; raises ConfigError."""
     from ds_conadv.app import job_config as train
 
-    if args.config:
+    if args.config and not os.path.exists(args.config) and args.config in train.embedded_config_names():
+        raw = train.load_embedded(args.config)  # a config shipped in the package, by its name
+        name = args.config
+    elif args.config:
         raw = train.load_config_file(args.config)
         name = os.path.basename(args.config)
     else:

@@ -310,3 +310,9 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"ds-conadv {ds_conadv.__version__}"
+
+
+def test_embedded_config_by_name(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no file of that name here: the packaged one is taken
+    assert cli.main(["train", "--config", "absa_digits.json", "--print-config"]) == 0
+    assert '"absa"' in capsys.readouterr().out
