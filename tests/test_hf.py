@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -46,12 +48,11 @@ def _env():
     return env
 
 
-def _results(output: str):
+def _results(directory):
     out = {}
-    for line in output.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[len("RESULT "):])
-            out[(r["case"], r["rank"])] = r
+    for path in sorted(Path(directory).glob("result-*-rank*.json")):
+        r = json.loads(path.read_text())
+        out[(r["case"], r["rank"])] = r
     return out
 
 
@@ -65,7 +66,8 @@ def _worker(tmp_path, cases, nproc=1, timeout=300):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", *args]
-    return _results(_run(cmd, env, timeout, cwd=tmp_path))
+    _run(cmd, env, timeout, cwd=tmp_path)
+    return _results(tmp_path)
 
 
 def _assert_ours_not_adamw(result, adamw, wrapper):

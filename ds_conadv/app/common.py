@@ -158,7 +158,15 @@ def distributed(backend: str, timeout: Optional[float] = None) -> Iterator[Tuple
                 os.environ[key] = value
                 added.append(key)
         extra = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **extra)
+        for attempt in range(3):
+            try:
+                deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **extra)
+                break
+            except tdist.DistNetworkError:
+                # a port we picked ourselves (one process) was taken between picking and binding: pick again
+                if "MASTER_PORT" not in added or attempt == 2:
+                    raise
+                os.environ["MASTER_PORT"] = str(_free_port())
         created = True
     try:
         world = tdist.get_world_size()

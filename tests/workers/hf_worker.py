@@ -1,6 +1,7 @@
 """HF Trainer / accelerate on a tiny random BERT, under DeepSpeed on CPU (1 rank directly, 2 under torchrun).
 
-Prints one ``RESULT {json}`` line per case: the classes of the optimizer chain that stepped and the losses.
+Writes one ``result-<case>-rank<r>.json`` per case and rank: the classes of the optimizer chain that stepped
+and the losses.
 ``--cases`` lists ``<route>:<stage>`` items; routes: ``cls`` (optimizer_cls_and_kwargs, guarded), ``adamw``
 (Trainer's default), ``dropped`` (optimizers=(LAMB, None), unguarded: Trainer swaps it), ``guard-dropped`` and
 ``guard-json`` (the guard must refuse), ``registered`` (a JSON type naming a LAMB registered in
@@ -139,7 +140,9 @@ def main():
         out = os.path.join(opts.out, case.replace(":", "-"))
         result = run_accelerate(int(stage)) if route == "accelerate" else run_trainer(route, int(stage), out)
         result.update(case=case, rank=int(os.environ["RANK"]))
-        print("RESULT " + json.dumps(result), flush=True)
+        # one file per case and rank: the ranks share one stdout, where their lines can interleave
+        with open(os.path.join(opts.out, f"result-{case.replace(':', '-')}-rank{result['rank']}.json"), "w") as f:
+            json.dump(result, f)
 
 
 if __name__ == "__main__":
