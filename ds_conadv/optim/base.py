@@ -34,9 +34,6 @@ class SegmentLayout:
     fragments: List[List[tuple]]
     num_ids: int
     norm_hook: Optional[Callable[[Tensor], None]] = None
-    #: the wrapper that set this layout skips steps with inf/NaN gradients itself (DeepSpeed ZeRO's overflow
-    #: check, on every rank): ``skip_nonfinite`` then adds no pass and no collective of its own
-    wrapper_skips_nonfinite: bool = False
     _ids_cache: Optional[tuple] = None
 
     def device_ids(self, ids: List[int], device: torch.device) -> Tensor:
@@ -309,8 +306,6 @@ class TrustRatioOptimizer(Optimizer):
                 group = self.param_groups[index]
                 layout = self._layout_of(group)
                 if not grads and layout is None:
-                    continue
-                if max_grad_norm is None and layout is not None and layout.wrapper_skips_nonfinite:
                     continue
                 if grads:
                     part = F.grad_sumsq(kernels, grads)

@@ -73,11 +73,9 @@ def _set_layout(
     fragments: List[Fragment],
     num_ids: int,
     hook: Optional[Callable[[torch.Tensor], None]],
-    wrapper_skips_nonfinite: bool = False,
 ) -> None:
     # keyed by the flat tensor: DeepSpeed steps one group at a time with ``param_groups`` swapped
-    layout = SegmentLayout([fragments], num_ids, hook, wrapper_skips_nonfinite=wrapper_skips_nonfinite)
-    trust.set_segment_layout(flat, layout)
+    trust.set_segment_layout(flat, SegmentLayout([fragments], num_ids, hook))
 
 
 def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
@@ -101,16 +99,8 @@ def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
         trust.mark_attached()
         return trust
     if kind in ("zero12", "bf16"):
-        # ZeRO 1/2 skip overflowing steps themselves (every precision); the bf16 wrapper is left to our check
         for flat, lp_params, group in compat.flat_partitions(wrapper):
-            _set_layout(
-                trust,
-                flat,
-                _hp_fragments(lp_params),
-                len(lp_params),
-                _all_reduce_hook(group),
-                wrapper_skips_nonfinite=kind == "zero12",
-            )
+            _set_layout(trust, flat, _hp_fragments(lp_params), len(lp_params), _all_reduce_hook(group))
     elif kind == "fp16":  # fp16/bf16 without ZeRO: one flat fp32 copy per group, not partitioned
         for flat, lp_params, _ in compat.flat_partitions(wrapper):
             _set_layout(trust, flat, _contiguous_fragments(lp_params), len(lp_params), None)
@@ -129,7 +119,7 @@ def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
                 if valid:
                     fragments.append((offset, valid, index))
                 offset += part
-            _set_layout(trust, flat, fragments, len(sizes), hook, wrapper_skips_nonfinite=True)
+            _set_layout(trust, flat, fragments, len(sizes), hook)
     else:
         raise NotImplementedError(
             f"ds_conadv cannot make trust ratios exact under DeepSpeed's "
