@@ -85,8 +85,9 @@ def test_every_config_builds_the_same_scheduler_on_every_path(path):
 
 
 def test_default_weight_decay_is_the_optimizers_on_every_path():
-    """The divergence of issue 12: with exclude_norm_and_bias and no weight_decay, the Horovod path gave the decayed
-    group weight_decay 0.0 (no decay, so no trust ratio) while the DeepSpeed path used LAMB's default 0.01."""
+    """A past divergence between the paths: with exclude_norm_and_bias and no weight_decay, the Horovod path gave
+    the decayed group weight_decay 0.0 (no decay, so no trust ratio) while the DeepSpeed path used LAMB's default
+    0.01."""
     cfg = {"optimizer": {"type": "LAMB", "params": {"lr": 0.01, "exclude_norm_and_bias": True}},
            "gradient_clipping": 1.0}
     for name, (opt, _, _) in _paths(cfg).items():
