@@ -18,8 +18,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: set by in-process runs of this test session (a leaked rendezvous port would be taken already): a child process
+#: gets them only from the harness that starts it
+_RENDEZVOUS_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                    "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
 def base_env() -> dict:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_KEYS}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]))
     env.pop("TRITON_INTERPRET", None)  # the rank processes run the CPU backends
