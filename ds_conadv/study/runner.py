@@ -246,9 +246,13 @@ def final(runner: Runner, s: Dict[str, Any], task: str, chosen: Dict[str, Dict[s
         for seed in range(s["seeds"]):
             items.append((dict(chosen[k], seed=seed), "test", s["robustness"] and _kind(task) == "image"))
             keys.append(k)
-    recs = runner.run(items, f"final {task}")
+    return _run_grouped(runner, items, keys, f"final {task}")
+
+
+def _run_grouped(runner: Runner, items: List[Any], keys: List[str], label: str) -> Dict[str, List[Dict[str, Any]]]:
+    """Run ``items`` and group the finished records by the key given for each item."""
     out: Dict[str, List[Dict[str, Any]]] = {}
-    for k, r in zip(keys, recs):
+    for k, r in zip(keys, runner.run(items, label)):
         if r is not None:
             out.setdefault(k, []).append(r)
     return out
@@ -299,22 +303,14 @@ def variant_specs(s: Dict[str, Any], task: str, chosen: Dict[str, Dict[str, Any]
 
 def sweep(runner: Runner, s: Dict[str, Any], task: str, chosen) -> Dict[str, List[Dict[str, Any]]]:
     items, keys = [], []
-    lb = s["large_batch"]
     for opt in ("lars", "lamb", "sgd"):
         base = chosen[opt if opt != "sgd" else "sgd_small"]
         for b in s["sweep_batches"]:
             ref = base["batch"]
             spec = dict(_base(s, task, opt, b, base["lr"] * math.sqrt(b / ref)), seed=0)
-            if opt == "sgd" and b == lb:
-                pass
             items.append((spec, "test", False))
             keys.append(opt)
-    recs = runner.run(items, f"sweep {task}")
-    out: Dict[str, List[Dict[str, Any]]] = {}
-    for k, r in zip(keys, recs):
-        if r is not None:
-            out.setdefault(k, []).append(r)
-    return out
+    return _run_grouped(runner, items, keys, f"sweep {task}")
 
 
 # ----------------------------------------------------------------------------------------------------------
