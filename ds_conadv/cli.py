@@ -376,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("hessian", add_help=False,
                    help="Hessian spectrum of a trained model: top eigenvalues, trace, density plot "
                         "(ds-conadv hessian --help)")
+    sub.add_parser("study", add_help=False,
+                   help="the reproduction study: which large-batch remedies pay (ds-conadv study --help)")
     b = sub.add_parser("bench", help="optimizer step-time benchmark (benchmarks/optim_step.py)",
                        add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER,
@@ -393,6 +395,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from ds_conadv.app.hessian_cli import hessian_main
 
         return hessian_main(argv[1:])
+    if argv[:1] == ["study"]:  # its own parser: ds_conadv.study.runner.main
+        from ds_conadv.study.runner import main as study_main
+
+        return study_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
