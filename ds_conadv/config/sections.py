@@ -66,6 +66,8 @@ class ConAdvConfig(SectionModel):
     # -- loss -------------------------------------------------------------------------------------------------
     loss_mode: Literal["clean+adv", "adv"] = "clean+adv"
     adv_weight: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+    loss_reduction: Literal["sum", "mean"] = Field(
+        "sum", description='"sum": clean + adv_weight * adv (the paper); "mean": the same divided by 1 + adv_weight')
     dual_bn: bool = Field(True, validate_default=True)
     # -- attack -------------------------------------------------------------------------------------------
     attack: Literal["fgsm", "pgd"] = "fgsm"
