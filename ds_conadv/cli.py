@@ -320,7 +320,7 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     rest = list(args.bench_args)
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    return int(mod.main(rest) or 0)
+    return int(mod.main(rest, prog="ds-conadv bench") or 0)
 
 
 # --------------------------------------------------------------------------- main

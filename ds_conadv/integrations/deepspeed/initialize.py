@@ -169,7 +169,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
 
     With a ``"conadv"`` section the engine returned is a :class:`DeepSpeedConAdvEngine` (a drop-in for the
     DeepSpeed engine with ``train_batch(data_iter)``); extra keywords for it: ``loss_fn`` (default cross-entropy),
-    ``conadv_seed``, ``steps_per_epoch`` (for the adversarial epoch window).
+    ``conadv_seed``, ``steps_per_epoch`` (micro-batches per epoch, for the adversarial epoch window).
 
     With ``"absa": {"enabled": true}`` it is a :class:`~ds_conadv.integrations.deepspeed.engine.DeepSpeedABSAEngine`
     instead (also a
