@@ -235,7 +235,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
     from ds_conadv.app.job_config import check_runnable
     from ds_conadv.app.train import RunOptions, run
 
-    check_runnable(resolved)
+    check_runnable(resolved, args.backend)
     if args.rank_timeout is not None and args.rank_timeout <= 0:
         raise UsageError("--rank-timeout must be > 0 seconds")
     if args.save_every is not None and args.save_every < 1:
