@@ -532,9 +532,10 @@ def _atomic_write(path: str, text: str) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+def parse_args(argv=None, prog=None) -> argparse.Namespace:
+    summary, _, details = __doc__.partition("\n\n")  # the summary once, as the description; the rest below
+    p = argparse.ArgumentParser(prog=prog, description=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=details)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--paramset", choices=sorted(PARAMSETS), default="resnet50")
@@ -684,8 +685,8 @@ def run(args: argparse.Namespace) -> Dict:
     return report
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog=None) -> int:
+    args = parse_args(argv, prog)
     threads_before = torch.get_num_threads()
     try:
         report = run(args)

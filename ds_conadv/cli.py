@@ -235,7 +235,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
     from ds_conadv.app.job_config import check_runnable
     from ds_conadv.app.train import RunOptions, run
 
-    check_runnable(resolved)
+    check_runnable(resolved, args.backend)
     if args.rank_timeout is not None and args.rank_timeout <= 0:
         raise UsageError("--rank-timeout must be > 0 seconds")
     if args.save_every is not None and args.save_every < 1:
@@ -320,7 +320,7 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     rest = list(args.bench_args)
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    return int(mod.main(rest) or 0)
+    return int(mod.main(rest, prog="ds-conadv bench") or 0)
 
 
 # --------------------------------------------------------------------------- main

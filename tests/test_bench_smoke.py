@@ -173,3 +173,14 @@ def test_host_overhead_benchmark_runs_with_noop_kernels(tmp_path):
     finally:
         backends._cache.clear()
         backends._cache.update(saved)
+
+
+def test_bench_help_shows_the_subcommand_and_the_summary_once(capsys):
+    from ds_conadv.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ds-conadv bench ")
+    assert out.count("Optimizer step-time benchmark") == 1

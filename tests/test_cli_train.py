@@ -316,3 +316,19 @@ def test_embedded_config_by_name(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no file of that name here: the packaged one is taken
     assert cli.main(["train", "--config", "absa_digits.json", "--print-config"]) == 0
     assert '"absa"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("absent, backend, named", [("matplotlib", "deepspeed", "matplotlib"),
+                                                     ("sklearn", "horovod", "scikit-learn"),
+                                                     ("deepspeed", "deepspeed", "deepspeed")])
+def test_missing_train_extra_fails_before_training(monkeypatch, absent, backend, named):
+    """Without the train extra the job stops before any rank starts, naming the package and the extra."""
+    import importlib.util
+
+    from ds_conadv.app.job_config import check_runnable
+
+    resolved, _, _ = cli.resolve_train_args(cli.build_parser().parse_args(["train"]))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == absent else real(name, *a))
+    with pytest.raises(ConfigError, match=rf"needs {named}, not installed here: pip install 'ds_conadv\[train\]'"):
+        check_runnable(resolved, backend)

@@ -86,6 +86,23 @@ def test_plain_deepspeed_initialize_attaches_itself(tmp_path):
     _assert_params_close(_params(result), expected, "LAMB passed to deepspeed.initialize")
 
 
+def test_json_type_builds_ours_under_plain_deepspeed_initialize(tmp_path):
+    """``"optimizer": {"type": "ds_conadv.LAMB"}`` with plain ``deepspeed.initialize``: DeepSpeed builds our class
+    itself (through ``torch.optim``), and at ZeRO 1-3 it attaches at its first step: the params equal our
+    optimizer without DeepSpeed. Fails if DeepSpeed built anything else, or if the trust ratios were per slice."""
+    expected = single_process("lamb")
+    prefix = str(tmp_path / "json_route")
+    spawn("ds_json_route.py", ["--out", prefix, "--optimizer", "lamb", "--stages", "0,1,2,3"], timeout=420)
+    ranks = _load(prefix)
+    for stage, result in ranks[0]["runs"].items():
+        assert result["basic"] == "ds_conadv.optim.lamb.LAMB" and result["trust_is_basic"], result["basic"]
+        assert result["attached"] or stage == "0"
+        _assert_params_close(_params(result), expected, f"ds_conadv.LAMB from the JSON, ZeRO-{stage}")
+        _assert_params_close(_params(ranks[1]["runs"][stage]), _params(result), "ranks", rtol=0, atol=0)
+    assert [ranks[0]["runs"][s]["wrapper"] for s in "0123"] == [
+        "LAMB", "DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3"]
+
+
 def test_bf16_stages_agree(tmp_path):
     results = {s: _params(run(tmp_path, f"bf16_{s}", "--stage", str(s), "--dtype", "bf16")) for s in (0, 1, 2)}
     # ZeRO 1 and 2 keep the same fp32 master partitions: identical; ZeRO 0 (DeepSpeed's unfused bf16 wrapper)

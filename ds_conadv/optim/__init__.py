@@ -2,11 +2,12 @@
 from .apex_compat import LARC, FusedLAMB
 from .backends import BACKENDS, BackendUnavailable, get_kernels
 from .base import SegmentLayout, TrustRatioOptimizer
-from .factory import OPTIMIZER_NAMES, create_optimizer
+from .factory import OPTIMIZER_NAMES, TORCH_OPTIM_NAMES, create_optimizer
 from .groups import param_groups
 from .kernel_set import KernelSet
 from .lamb import LAMB
 from .lars import LARS
 
 __all__ = ["LAMB", "LARS", "FusedLAMB", "LARC", "param_groups", "SegmentLayout", "TrustRatioOptimizer",
-           "BACKENDS", "BackendUnavailable", "get_kernels", "KernelSet", "create_optimizer", "OPTIMIZER_NAMES"]
+           "BACKENDS", "BackendUnavailable", "get_kernels", "KernelSet", "create_optimizer", "OPTIMIZER_NAMES",
+           "TORCH_OPTIM_NAMES"]

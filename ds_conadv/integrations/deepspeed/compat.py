@@ -12,7 +12,7 @@ Everything ds_conadv needs from DeepSpeed beyond its public API is listed here, 
 * ``deepspeed.ops.__compatible_ops__`` (:func:`skip_shm_op_build`): keeps DeepSpeed from JIT-building an
   inference-only op at the first multi-rank start on CPU (a start-up cost only).
 
-:data:`SUPPORTED` is the range declared in the package metadata (``setup.py``'s ``deepspeed`` extra) and tested
+:data:`SUPPORTED` is the range declared in the package metadata (``pyproject.toml``'s ``deepspeed`` extra) and tested
 in CI with its oldest and newest release (``scripts/test_deepspeed_oldest.sh``); :func:`check_version` warns,
 naming what may break, outside it.
 """
@@ -46,7 +46,7 @@ __all__ = [
     "check_scheduler_hook",
 ]
 
-#: the DeepSpeed releases this module is written and tested against (``setup.py`` declares the same range)
+#: the DeepSpeed releases this module is written and tested against (``pyproject.toml`` declares the same range)
 MIN_VERSION = "0.16.9"
 MAX_VERSION = "0.20"  # exclusive
 SUPPORTED = f">={MIN_VERSION},<{MAX_VERSION}"

@@ -90,10 +90,11 @@ class DeepSpeedConAdvEngine(EngineWrapper, ConAdvTrainer):
     """``ds_conadv.initialize`` returns this when the config has a ``"conadv"`` section.
 
     ``engine.train_batch(data_iter)`` runs one *global* step: ``gradient_accumulation_steps`` micro-batches pulled
-    from ``data_iter`` (τ counts micro-batches), each with its clean+adversarial loss, and one optimizer step at
-    the boundary. Everything else (``engine(x)``, ``backward``, ``step``, ``save_checkpoint``, ``module``, ...) is
-    the DeepSpeed engine's, so the object is a drop-in for it. ``enabled: false`` gives vanilla DeepSpeed training.
-    """
+    from ``data_iter`` (τ counts optimizer steps; ``steps_per_epoch`` counts micro-batches), each with its
+    clean+adversarial loss, and one optimizer step at the boundary. Everything else (``engine(x)``, ``backward``,
+    ``step``, ``save_checkpoint``, ``module``, ...) is the DeepSpeed engine's, so the object is a drop-in for it.
+    ``enabled: false`` gives vanilla DeepSpeed training.
+"""
 
     GENERATION_STARTS = ("reduction", "backward")
 

@@ -169,7 +169,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
 
     With a ``"conadv"`` section the engine returned is a :class:`DeepSpeedConAdvEngine` (a drop-in for the
     DeepSpeed engine with ``train_batch(data_iter)``); extra keywords for it: ``loss_fn`` (default cross-entropy),
-    ``conadv_seed``, ``steps_per_epoch`` (for the adversarial epoch window).
+    ``conadv_seed``, ``steps_per_epoch`` (micro-batches per epoch, for the adversarial epoch window).
 
     With ``"absa": {"enabled": true}`` it is a :class:`~ds_conadv.integrations.deepspeed.engine.DeepSpeedABSAEngine`
     instead (also a
@@ -226,6 +226,10 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         if cfg.get("zero_optimization", {}).get("stage", 0):
             cfg.setdefault("zero_allow_untested_optimizer", True)
 
+    if not torch.distributed.is_initialized():
+        # DeepSpeed's communication start-up would JIT-build its inference-only shm all-reduce op on CPU (minutes,
+        # once); training never uses it (DeepSpeed's inference all-reduce falls back to the process group)
+        compat.skip_shm_op_build()
     engine, opt, loader, sched = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
