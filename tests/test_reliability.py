@@ -205,7 +205,8 @@ def test_low_precision_main_job_runs(tmp_path, precision):
     (["--nproc", "0"], "--nproc"),
     (["--rank-timeout", "-1"], "--rank-timeout"),
     (["--resume", "/no/such/ckpt", "--out-dir", "x"], "/no/such/ckpt"),
-    (["--backend", "horovod", "--resume", "/tmp"], "--resume"),
+    (["--backend", "horovod", "--resume", "/no/such/ckpt"], "/no/such/ckpt"),  # before Horovod starts
+    (["--backend", "horovod", "--nproc", "2"], "--nproc"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(capsys, args, needle):
     with pytest.raises(SystemExit) as exc:
@@ -383,3 +384,26 @@ def test_out_dir_of_another_run_is_refused_unless_overwrite(tmp_path, capsys):
                   "scheduler.params.warmup_max_lr=1e30", "--set", "scheduler.params.warmup_num_steps=1", *FAST])
     assert not (out / "metrics.json").exists() and not (out / "curves.png").exists()
     assert json.loads((out / "status.json").read_text())["complete"] is False
+
+
+def test_consecutive_skipped_steps_stop_the_run(tmp_path):
+    """Non-finite gradients with a finite loss (a test-only fault, tests/workers/job_nonfinite.py: from step 3 on a
+    tensor hook makes the classifier weight's gradient +inf): the steps are skipped and counted, and
+    --max-skipped 3 stops the run at the 3rd skipped step in a row, in one line naming the step and what was
+    non-finite."""
+    out = tmp_path / "run"
+    # one rank, 2 accumulated micro-batches per step: backward 5 is step 3's first
+    worker = ROOT / "tests" / "workers" / "job_nonfinite.py"
+    proc = subprocess.run([sys.executable, str(worker), "5", str(tmp_path / "w"), "train", "--max-steps", "8",
+                           "--max-skipped", "3", "--out-dir", str(out), *FAST],
+                          env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = _one_error_line(proc.stderr)
+    assert "training diverged at step 5: 3 consecutive optimizer steps skipped (non-finite gradients" in line, line
+    rows = _rows(out / "metrics.csv")
+    assert [r["skipped"] for r in rows] == ["0", "0", "1", "1", "1"]
+    assert [r["skipped_total"] for r in rows] == ["0", "0", "1", "2", "3"]
+    assert all(r["loss"] not in ("", "nan") for r in rows)  # the loss stayed finite
+    status = json.loads((out / "status.json").read_text())
+    assert status["complete"] is False and "3 consecutive optimizer steps skipped" in status["error"]
+    assert not (out / "metrics.json").exists()
