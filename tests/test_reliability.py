@@ -407,3 +407,28 @@ def test_consecutive_skipped_steps_stop_the_run(tmp_path):
     status = json.loads((out / "status.json").read_text())
     assert status["complete"] is False and "3 consecutive optimizer steps skipped" in status["error"]
     assert not (out / "metrics.json").exists()
+
+
+def test_absa_resume_continues_bit_exactly(tmp_path):
+    """The ABSA job (configs/absa_digits.json; small: a tenth of the data as the training set, the batch grows
+    every epoch): 3 epochs at once vs 2 epochs with a checkpoint (taken after the batch grew twice) resumed to 3:
+    the same per-epoch log (global batch, LR factor, adversarial share, eigenvalues), test accuracies and
+    parameter checksum."""
+    absa = ["--config", str(ROOT / "configs" / "absa_digits.json"), "--no-progress", "--set", "train.width=8",
+            "--set", "train.test_fraction=0.9", "--set", "absa.duration=1", "--set", "absa.eig_max_iter=5",
+            "--set", "absa.eig_batches=2"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert cli.main(["train", *absa, "--epochs", "3", "--out-dir", str(whole)]) == 0
+    assert cli.main(["train", *absa, "--epochs", "2", "--save-every", "2", "--out-dir", str(split)]) == 0
+    assert sorted(os.listdir(split / "checkpoints")) == ["step7"]
+    assert cli.main(["train", *absa, "--epochs", "3", "--resume", "--out-dir", str(split)]) == 0
+    a, b = _rows(whole / "absa_log.csv"), _rows(split / "absa_log.csv")
+    assert [r["global_batch"] for r in a] == ["32", "64", "128"]
+    for key in ("global_batch", "grad_accum_steps", "lr", "lr_scale", "adv_ratio", "adv_examples", "steps",
+                "samples", "eigenvalue", "next_global_batch"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    sa, sb = json.loads((whole / "metrics.json").read_text()), json.loads((split / "metrics.json").read_text())
+    assert sa["ranks"][0]["param_checksum"] == sb["ranks"][0]["param_checksum"]
+    assert (sa["final_test_clean_acc"], sa["final_test_adv_acc"]) == (sb["final_test_clean_acc"],
+                                                                     sb["final_test_adv_acc"])
+    assert json.loads((split / "status.json").read_text())["complete"] is True

@@ -200,7 +200,7 @@ def _train(hvd: Any, cfg: Dict[str, Any], train: Any, rank: int, world: int, out
 
     from .common import attack_description, evaluate, evaluate_untargeted_pgd
     from .run_folder import (RunRecorder, commit_checkpoint, find_checkpoint, job_state, load_job_state,
-                             param_checksum)
+                             param_checksum, recorder_state)
 
     threads = train.threads or max(1, (os.cpu_count() or 1) // max(1, hvd.local_size()))
     torch.set_num_threads(threads)
@@ -271,7 +271,7 @@ def _train(hvd: Any, cfg: Dict[str, Any], train: Any, rank: int, world: int, out
             shutil.rmtree(staging)
         trainer._barrier()
         trainer.save_checkpoint(staging)  # model, optimizer, scheduler; every rank its ConAdv schedule (barrier)
-        torch.save(job_state(rec, model), os.path.join(staging, f"job_rank{rank}.pt"))
+        torch.save(job_state(model, **recorder_state(rec)), os.path.join(staging, f"job_rank{rank}.pt"))
         trainer._barrier()  # every rank's files are in the staging folder
         meta = {"step": at_step, "world_size": world, "backend": BACKEND}
         if rank == 0:

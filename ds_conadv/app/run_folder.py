@@ -25,7 +25,7 @@ from .common import _fmt, plot_curves, print_accuracies
 from .reliability import TrainingDiverged
 
 __all__ = ["CSV_FIELDS", "RunRecorder", "param_checksum", "find_checkpoint", "commit_checkpoint", "load_job_state",
-           "job_state"]
+           "job_state", "recorder_state"]
 
 #: the metrics of every step, in the order of metrics.csv's columns
 CSV_FIELDS = ("step", "epoch", "lr", "loss", "clean_loss", "adv_loss", "clean_acc", "adv_acc", "step_time",
@@ -248,14 +248,19 @@ def commit_checkpoint(staging: str, ckpt_root: str, step: int, meta: Dict[str, A
     return final
 
 
-def job_state(rec: RunRecorder, module: Any) -> Dict[str, Any]:
-    """What a rank's checkpoint holds besides the engine's: the rows so far, torch's RNG and this rank's module
-    buffers (BatchNorm's running statistics are per rank; an engine's model file holds one rank's)."""
+def job_state(module: Any, **fields: Any) -> Dict[str, Any]:
+    """What a rank's checkpoint holds besides the engine's: ``fields`` (the rows so far, the data position, ...),
+    torch's RNG and this rank's module buffers (BatchNorm's running statistics are per rank; an engine's model
+    file holds one rank's)."""
     import torch
 
-    return {"step": rec.step, "rows": rec.rows, "evals": rec.evals, "step_times": rec.step_times,
-            "torch_rng": torch.get_rng_state(),
+    return {**fields, "torch_rng": torch.get_rng_state(),
             "buffers": {name: buf.detach().cpu().clone() for name, buf in module.named_buffers()}}
+
+
+def recorder_state(rec: RunRecorder) -> Dict[str, Any]:
+    """The rows, evaluations and step times so far (a resumed metrics.csv starts at step 1)."""
+    return {"step": rec.step, "rows": rec.rows, "evals": rec.evals, "step_times": rec.step_times}
 
 
 def load_job_state(path: str, module: Any) -> Dict[str, Any]:

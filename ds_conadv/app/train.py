@@ -33,7 +33,7 @@ from .common import (DigitsCNN, attack_description, batch_geometry, default_out_
                      evaluate, evaluate_untargeted_pgd, gather_ranks, prepare_data, rank_batches)
 from .job_config import DEFAULT_CONFIG_NAME, ResolvedConfig, check_runnable
 from .run_folder import (CSV_FIELDS, RunRecorder, commit_checkpoint, find_checkpoint, job_state, load_job_state,
-                         param_checksum)
+                         param_checksum, recorder_state)
 
 __all__ = ["CSV_FIELDS", "run", "prepare_data", "RunOptions", "find_checkpoint"]
 
@@ -112,11 +112,7 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
     if resolved.absa_enabled:
         from .absa_train import run_absa
 
-        if options.save_every or options.resume:
-            raise ConfigError("--save-every/--resume: the ABSA job (\"absa.enabled\") has no checkpoints yet; "
-                              "run it without them")
-
-        return run_absa(resolved, config_name, progress, out, rank, world, threads)
+        return run_absa(resolved, config_name, progress, out, rank, world, threads, options)
     tc = resolved.train
     ds_cfg = resolved.deepspeed
     x_tr_n, y_tr, x_te, y_te, normalize, conadv = prepare_data(resolved, ds_cfg)
@@ -162,6 +158,9 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
         if meta.get("backend", "deepspeed") != "deepspeed":
             raise CheckpointError(f"checkpoint {ckpt} was written by the {meta['backend']} backend: resume it with "
                                   f"--backend {meta['backend']}")
+        if meta.get("job", "conadv") != "conadv":
+            raise CheckpointError(f"checkpoint {ckpt} is the {meta['job']} job's: resume it with the config that "
+                                  "wrote it")
         engine.load_checkpoint(ckpt, tag="state")
         # this rank's rows, RNG and buffers (BN running stats are per rank; DeepSpeed saves rank 0's)
         job = load_job_state(os.path.join(ckpt, "state", f"job_rank{rank}.pt"), engine.module)
@@ -178,7 +177,8 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
     def save(at_step: int) -> None:
         staging = os.path.join(ckpt_root, f".staging-step{at_step}")
         engine.save_checkpoint(staging, tag="state")
-        torch.save(job_state(rec, engine.module), os.path.join(staging, "state", f"job_rank{rank}.pt"))
+        torch.save(job_state(engine.module, **recorder_state(rec)),
+                   os.path.join(staging, "state", f"job_rank{rank}.pt"))
         if world > 1:
             tdist.barrier()  # every rank's files are in the staging folder
         if rank == 0:
