@@ -207,6 +207,7 @@ def test_low_precision_main_job_runs(tmp_path, precision):
     (["--resume", "/no/such/ckpt", "--out-dir", "x"], "/no/such/ckpt"),
     (["--backend", "horovod", "--resume", "/no/such/ckpt"], "/no/such/ckpt"),  # before Horovod starts
     (["--backend", "horovod", "--nproc", "2"], "--nproc"),
+    (["--backend", "horovod", "--config", str(ROOT / "configs" / "absa_digits.json")], "ABSA job"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(capsys, args, needle):
     with pytest.raises(SystemExit) as exc:
