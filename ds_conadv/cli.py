@@ -359,8 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--save-every", type=int, metavar="N",
-                   help="checkpoint every N optimizer steps into OUT_DIR/checkpoints/step<N> (sha256 manifest, "
-                        "atomic; the newest is kept)")
+                   help="checkpoint every N optimizer steps (the ABSA job: every N epochs) into "
+                        "OUT_DIR/checkpoints/step<steps> (sha256 manifest, atomic; the newest is kept)")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
                    help="continue from a checkpoint (verified first): DIR = a checkpoint, a checkpoints folder or "
                         "a run's --out-dir; no DIR: --out-dir's newest")
