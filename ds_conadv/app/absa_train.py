@@ -36,8 +36,8 @@ def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: 
     from ds_conadv.absa.policy import ABSAConfig
     from ds_conadv.integrations.deepspeed import compat, initialize
 
-    from .common import (DigitsCNN, attack_description, default_out_dir, evaluate, gather_ranks, prepare_data,
-                         print_accuracies, rank_batches)
+    from .common import (DigitsCNN, attack_description, default_out_dir, evaluate, gather_ranks, monitor_outputs,
+                         prepare_data, print_accuracies, rank_batches)
 
     tc = resolved.train
     ds_cfg = resolved.deepspeed
@@ -49,6 +49,7 @@ def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: 
     ds_cfg.setdefault("steps_per_print", 10 ** 9)
     out_dir = tc.out_dir or default_out_dir(config_name)
     os.makedirs(out_dir, exist_ok=True)
+    monitors = monitor_outputs(ds_cfg, out_dir)  # "tensorboard" / "csv_monitor" sections: into the run's folder
 
     torch.manual_seed(tc.seed)
     smoothing = tc.label_smoothing
@@ -71,6 +72,8 @@ def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: 
               f"{ds_cfg.get('zero_optimization', {}).get('stage', 0)}, {world} rank(s) x {threads} thread(s), "
               f"global batch {engine.global_batch} ({micro} x {engine.grad_accum_steps} x {world}) growing to at "
               f"most {engine.cfg.max_batch}, {tc.epochs} epochs; outputs in {out_dir}", file=out, flush=True)
+        if monitors:
+            print(f"DeepSpeed monitor: {'  '.join(monitors)}", file=out, flush=True)
     bar = tqdm(total=tc.epochs, desc=f"absa {resolved.optimizer_type} x{world}", unit="epoch",
                disable=not (progress and rank == 0), file=sys.stderr, dynamic_ncols=True)
     evals: List[Dict[str, Any]] = []

@@ -33,8 +33,8 @@ from ds_conadv.config.sections import ConfigError
 from ds_conadv.integrations.deepspeed import compat
 
 from .common import (DigitsCNN, attack_description, batch_geometry, default_out_dir, describe_mode, distributed,
-                     evaluate, evaluate_untargeted_pgd, gather_ranks, plot_curves, prepare_data, print_accuracies,
-                     rank_batches)
+                     evaluate, evaluate_untargeted_pgd, gather_ranks, monitor_outputs, plot_curves, prepare_data,
+                     print_accuracies, rank_batches)
 from .common import _fmt
 from .job_config import DEFAULT_CONFIG_NAME, ResolvedConfig, check_runnable
 from .reliability import TrainingDiverged
@@ -179,11 +179,12 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
     def loss_fn(output, y):
         return F.cross_entropy(output, y, label_smoothing=smoothing)
 
+    out_dir = tc.out_dir or default_out_dir(config_name)
+    monitors = monitor_outputs(ds_cfg, out_dir)  # "tensorboard" / "csv_monitor" sections: into the run's folder
     with compat.log_level(logging.ERROR):  # "untested optimizer" (ours, attached to ZeRO), "lr before start", ...
         engine, _, _, _ = initialize(model=model, config=ds_cfg, loss_fn=loss_fn, conadv_seed=tc.seed,
                                      steps_per_epoch=micro_per_epoch)
     device = engine.device
-    out_dir = tc.out_dir or default_out_dir(config_name)
     ckpt_root = os.path.join(out_dir, "checkpoints")
     rows: List[Dict[str, Any]] = []
     evals: List[Dict[str, Any]] = []
@@ -245,6 +246,8 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
               f"ZeRO {ds_cfg.get('zero_optimization', {}).get('stage', 0)}, {world} rank(s) x {threads} thread(s), "
               f"global batch {micro * gas * world} ({micro} x {gas} x {world}), {steps_per_epoch} steps/epoch, "
               f"{run_steps} steps; outputs in {out_dir}", file=out, flush=True)
+        if monitors:
+            print(f"DeepSpeed monitor: {'  '.join(monitors)}", file=out, flush=True)
     desc = f"{resolved.mode} {resolved.optimizer_type} x{world}"
     bar = tqdm(total=run_steps, initial=step, desc=desc, unit="step", disable=not (progress and rank == 0),
                file=sys.stderr, dynamic_ncols=True)
