@@ -110,6 +110,7 @@ setup(
         "triton": [TRITON],
         "deepspeed": [DEEPSPEED_RANGE],
         "test": ["pytest", "pytest-timeout", "scikit-learn", "matplotlib", TRITON, DEEPSPEED,
+                 "tensorboard",  # DeepSpeed's "tensorboard" monitor section (tests/test_monitor.py)
                  # the HF Trainer / accelerate / Lightning routes (tests/test_hf.py, tests/test_lightning.py)
                  "transformers>=5,<6", "accelerate>=1.10,<2", "lightning>=2.5,<3"],
         # ruff (lint + format) and mypy on the library: scripts/lint.sh (run by scripts/test.sh)
