@@ -40,7 +40,7 @@ def snippets():
 
 
 def _needs(code):
-    return [m for m in ("transformers", "accelerate", "lightning", "deepspeed")
+    return [m for m in ("transformers", "accelerate", "lightning", "deepspeed", "tensorboard")
             if re.search(rf"^\s*(from|import) {m}\b", code, re.M)]
 
 

@@ -226,3 +226,22 @@ def test_metrics_in_tensorboard_and_csv(tmp_path):
     _assert_series(plain, "trust_ratio_min", [(s, min(v)) for s, v in applied])
     _assert_series(plain, "trust_ratio_max", [(s, max(v)) for s, v in applied])
     _assert_series(plain, "trust_ratio_mean", [(s, sum(v) / len(v)) for s, v in applied])
+
+
+def test_exposed_generation_is_what_the_reduction_did_not_cover():
+    from ds_conadv.integrations.deepspeed.engine import DeepSpeedConAdvEngine
+
+    engine = object.__new__(DeepSpeedConAdvEngine)  # the timing rule only: no DeepSpeed engine needed
+    engine.overlap = True
+    ahead = {"generated_ahead": 4, "time_generate_ahead": 0.005}
+    # the look-ahead pass waited 1 ms for the backward compute, generated for 4 ms, the reduction lasted 3 ms
+    engine.last_timings, engine._sync_generation_s = {"wait_backward_compute": 0.001, "reduction": 0.003}, 0.0
+    assert engine._generation_timing(ahead) == pytest.approx((0.004, 0.003))
+    # a synchronous generation (start-up, DisAdv) is exposed; a reduction longer than the pass hides all of it
+    engine.last_timings, engine._sync_generation_s = {"reduction": 0.010}, 0.002
+    assert engine._generation_timing(ahead) == pytest.approx((0.007, 0.005))
+    engine.last_timings, engine._sync_generation_s = {}, 0.002
+    assert engine._generation_timing({"generated_ahead": 0, "time_generate_ahead": 0.0}) == (0.002, 0.0)
+    engine.overlap = False  # ZeRO 3: the generation runs after engine.backward, nothing hidden
+    engine.last_timings, engine._sync_generation_s = {"reduction": 0.010}, 0.0
+    assert engine._generation_timing(ahead) == pytest.approx((0.005, 0.0))

@@ -132,6 +132,8 @@ class DeepSpeedConAdvEngine(EngineWrapper, ConAdvTrainer):
         self._pending: Optional[Future] = None
         self._stream = torch.cuda.Stream(device=ds_engine.device) if ds_engine.device.type == "cuda" else None
         self.last_timings: Dict[str, float] = {}
+        self._generating_ahead = False
+        self._sync_generation_s = 0.0
         # set by the worker when the backward compute is over (DeepSpeed's epilogue = the reduction begins)
         self._reduction_started = threading.Event()
         self._reduction_started.set()
@@ -178,7 +180,23 @@ class DeepSpeedConAdvEngine(EngineWrapper, ConAdvTrainer):
         finally:
             self._reduction_started.set()  # never leave the generation waiting (errors, no epilogue)
 
+    def generate(self, x: Any, y: Any, generator: Optional[torch.Generator] = None) -> Any:
+        if self._generating_ahead:
+            return super().generate(x, y, generator)
+        t = time.perf_counter()  # a synchronous generation (start-up, DisAdv, a gap): all of it exposed
+        try:
+            return super().generate(x, y, generator)
+        finally:
+            self._sync_generation_s += time.perf_counter() - t
+
     def generate_next(self) -> int:
+        self._generating_ahead = True
+        try:
+            return self._generate_next()
+        finally:
+            self._generating_ahead = False
+
+    def _generate_next(self) -> int:
         if self.generation_start == "reduction" and self._pending is not None:
             t = time.perf_counter()
             self._reduction_started.wait()
@@ -204,8 +222,8 @@ class DeepSpeedConAdvEngine(EngineWrapper, ConAdvTrainer):
     def train_batch(self, data_iter) -> Dict[str, Any]:
         """One global step (``gradient_accumulation_steps`` micro-batches); returns the last micro-batch's
         metrics with ``loss`` averaged over the micro-batches, ``global_step``, and over the step's micro-batches
-        ``time_generation`` (seconds of generation passes: ahead, and synchronous ones with their batch's pull)
-        and ``exposed_fraction`` (the share of it not hidden behind the gradient reduction; None without a
+        ``time_generation`` (wall seconds of the generation passes, look-ahead and synchronous) and
+        ``exposed_fraction`` (the share of it not hidden behind the gradient reduction; None without a
         generation; see :meth:`_generation_timing`)."""
         gas = self.ds.gradient_accumulation_steps()
         losses = []
@@ -214,6 +232,7 @@ class DeepSpeedConAdvEngine(EngineWrapper, ConAdvTrainer):
         for _ in range(gas):
             self.last_timings.pop("reduction", None)
             self.last_timings.pop("wait_backward_compute", None)
+            self._sync_generation_s = 0.0
             metrics = super().train_batch(data_iter)
             losses.append(metrics["loss"])
             spent, hidden = self._generation_timing(metrics)
@@ -233,7 +252,7 @@ class DeepSpeedConAdvEngine(EngineWrapper, ConAdvTrainer):
         worker thread); a synchronous generation (start-up, DisAdv, no overlap) is hidden not at all. The estimate
         cannot see how much the generation slows the reduction running beside it: benchmarks/conadv_overlap.py
         measures that against a run without generation."""
-        now = float(metrics["time_generate_now"]) if metrics["generated_now"] else 0.0
+        now = self._sync_generation_s
         ahead = 0.0
         if metrics["generated_ahead"]:
             waited = self.last_timings.get("wait_backward_compute", 0.0)  # for the backward compute, not generating
