@@ -1,6 +1,7 @@
 """``ds-conadv train``, the main job: real runs through DeepSpeed (one rank in-process, two ranks with --nproc),
 the shipped configs, and config errors that name the key."""
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -81,10 +82,20 @@ def test_vanilla_with_poly_schedule_in_process(tmp_path):
     sched = {"type": "WarmupPolyDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 2.0,
                                                       "warmup_num_steps": 2, "total_num_steps": 6,
                                                       "warmup_type": "linear", "power": 2.0}}
+    tensorboard = importlib.util.find_spec("tensorboard") is not None  # DeepSpeed's monitor needs it
+    monitor = ["--set", 'tensorboard={"enabled": true, "job_name": "tb"}'] if tensorboard else []
     assert cli.main(["train", "--mode", "vanilla", "--max-steps", "6", "--zero-stage", "0", "--out-dir", str(out),
-                     "--no-progress", "--set", "scheduler=" + json.dumps(sched)]) == 0
+                     "--no-progress", "--set", "scheduler=" + json.dumps(sched), *monitor]) == 0
     rows = _rows(out / "metrics.csv")
     assert all(math.isnan(_num(r["adv_acc"])) and r["stale_by"] == "" for r in rows)   # no adversarial examples
+    if tensorboard:  # a "tensorboard" section without "output_path" writes into the run's folder
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+        events.Reload()
+        loss = events.Scalars("Train/Samples/train_loss")
+        assert [e.step for e in loss] == [256 * int(r["step"]) for r in rows]      # samples trained so far
+        assert [e.value for e in loss] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-5)  # csv: 6 digits
 
     def expected(it):  # DeepSpeed's iteration count: the lr of step k (1-based, k >= 2) is f(k - 2)
         if it < 2:

@@ -151,7 +151,7 @@ def _page_files(block: Block, cwd: Path) -> None:
 
 
 def _needs(code: str) -> List[str]:
-    return [m for m in ("transformers", "accelerate", "lightning", "deepspeed", "horovod")
+    return [m for m in ("transformers", "accelerate", "lightning", "deepspeed", "horovod", "tensorboard")
             if re.search(rf"^\s*(from|import) {m}\b", code, re.M)]
 
 

@@ -42,8 +42,8 @@ def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: 
     from ds_conadv.absa.policy import ABSAConfig
     from ds_conadv.integrations.deepspeed import compat, initialize
 
-    from .common import (DigitsCNN, attack_description, default_out_dir, evaluate, gather_ranks, prepare_data,
-                         print_accuracies, rank_batches)
+    from .common import (DigitsCNN, attack_description, default_out_dir, evaluate, gather_ranks, monitor_outputs,
+                         prepare_data, print_accuracies, rank_batches)
     from .reliability import TrainingDiverged
     from .run_folder import commit_checkpoint, find_checkpoint, job_state, load_job_state, param_checksum
 
@@ -57,6 +57,7 @@ def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: 
     ds_cfg.setdefault("steps_per_print", 10 ** 9)
     out_dir = tc.out_dir or default_out_dir(config_name)
     os.makedirs(out_dir, exist_ok=True)
+    monitors = monitor_outputs(ds_cfg, out_dir)  # "tensorboard" / "csv_monitor" sections: into the run's folder
 
     torch.manual_seed(tc.seed)
     smoothing = tc.label_smoothing
@@ -119,6 +120,8 @@ def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: 
               f"most {engine.cfg.max_batch}, {tc.epochs} epochs"
               f"{f', a checkpoint every {save_every} epoch(s)' if save_every else ''}; outputs in {out_dir}",
               file=out, flush=True)
+        if monitors:
+            print(f"DeepSpeed monitor: {'  '.join(monitors)}", file=out, flush=True)
     bar = tqdm(total=tc.epochs, initial=engine.epoch, desc=f"absa {resolved.optimizer_type} x{world}", unit="epoch",
                disable=not (progress and rank == 0), file=sys.stderr, dynamic_ncols=True)
     t_start = time.perf_counter()

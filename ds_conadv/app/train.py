@@ -30,7 +30,8 @@ from ds_conadv.config.sections import ConfigError
 from ds_conadv.integrations.deepspeed import compat
 
 from .common import (DigitsCNN, attack_description, batch_geometry, default_out_dir, describe_mode, distributed,
-                     evaluate, evaluate_untargeted_pgd, gather_ranks, prepare_data, rank_batches)
+                     evaluate, evaluate_untargeted_pgd, gather_ranks, monitor_outputs, prepare_data,
+                     rank_batches)
 from .job_config import DEFAULT_CONFIG_NAME, ResolvedConfig, check_runnable
 from .run_folder import (CSV_FIELDS, RunRecorder, commit_checkpoint, find_checkpoint, job_state, load_job_state,
                          param_checksum, recorder_state)
@@ -142,11 +143,12 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
     def loss_fn(output, y):
         return F.cross_entropy(output, y, label_smoothing=smoothing)
 
+    out_dir = tc.out_dir or default_out_dir(config_name)
+    monitors = monitor_outputs(ds_cfg, out_dir)  # "tensorboard" / "csv_monitor" sections: into the run's folder
     with compat.log_level(logging.ERROR):  # "untested optimizer" (ours, attached to ZeRO), "lr before start", ...
         engine, _, _, _ = initialize(model=model, config=ds_cfg, loss_fn=loss_fn, conadv_seed=tc.seed,
                                      steps_per_epoch=micro_per_epoch)
     device = engine.device
-    out_dir = tc.out_dir or default_out_dir(config_name)
     ckpt_root = os.path.join(out_dir, "checkpoints")
     rows: List[Dict[str, Any]] = []
     evals: List[Dict[str, Any]] = []
@@ -197,6 +199,8 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
               f"ZeRO {ds_cfg.get('zero_optimization', {}).get('stage', 0)}, {world} rank(s) x {threads} thread(s), "
               f"global batch {micro * gas * world} ({micro} x {gas} x {world}), {steps_per_epoch} steps/epoch, "
               f"{run_steps} steps; outputs in {out_dir}", file=out, flush=True)
+        if monitors:
+            print(f"DeepSpeed monitor: {'  '.join(monitors)}", file=out, flush=True)
 
     t_start = time.perf_counter()
     skipped_before = _skipped_total(engine, base_opt)

@@ -106,6 +106,9 @@ class TrustRatioOptimizer(Optimizer):
         """What lives on the instance besides torch's state and groups: nothing a copy or a pickle can carry
         (layouts and the attachment belong to the wrapper the original was attached to)."""
         self.trust_ratios: List[Optional[Tensor]] = []
+        #: opt-in (e.g. by a metrics writer): each step also keeps min / sum / max of the trust ratios it applied
+        self.collect_trust_ratio_stats = False
+        self._trust_ratio_stats: Optional[List] = None  # [device tensor (min, sum, max), count]
         self._layouts: Dict[int, tuple] = {}  # id(first param) -> (param, layout)
         self._own_params = {id(p) for g in self.param_groups for p in g["params"]}
         self._ds_attached = False
@@ -159,6 +162,33 @@ class TrustRatioOptimizer(Optimizer):
             device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else "cpu"
             self._skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         return self._skipped_steps
+
+    def take_trust_ratio_stats(self) -> Optional[Tensor]:
+        """``(min, mean, max)`` of the trust ratios applied since the last call, over the tensors of the groups the
+        trust ratio applies to (``weight_decay != 0`` or ``always_adapt``), as one fp32 device tensor (no host
+        sync), then forgets them. NaN for a skipped step (no ratio was applied); ``None`` when nothing was
+        recorded. Recorded only while :attr:`collect_trust_ratio_stats` is True; a wrapper that steps one group
+        at a time (ZeRO 3) contributes every group of its step."""
+        stats, self._trust_ratio_stats = self._trust_ratio_stats, None
+        if stats is None:
+            return None
+        acc, count = stats
+        return torch.stack([acc[0], acc[1] / count, acc[2]])
+
+    def _record_trust_ratio_stats(self, group: dict, ratio: Tensor, skip: Optional[Tensor]) -> None:
+        if not (group["weight_decay"] != 0 or group.get("always_adapt", False)) or ratio.numel() == 0:
+            return
+        r = ratio.detach().float()
+        part = torch.stack([r.min(), r.sum(), r.max()])
+        if skip is not None:
+            part = torch.where(skip, torch.full_like(part, float("nan")), part)
+        if self._trust_ratio_stats is None:
+            self._trust_ratio_stats = [part, r.numel()]
+            return
+        acc, count = self._trust_ratio_stats
+        part = part.to(acc.device)
+        merged = torch.stack([torch.minimum(acc[0], part[0]), acc[1] + part[1], torch.maximum(acc[2], part[2])])
+        self._trust_ratio_stats = [merged, count + r.numel()]
 
     def set_segment_layout(self, group: Union[int, Tensor], layout: Optional[SegmentLayout]) -> None:
         """Cut a group's params into norm segments (used by the DeepSpeed ZeRO integration).
@@ -364,6 +394,8 @@ class TrustRatioOptimizer(Optimizer):
                 torch._foreach_add_(steps, [increment] * len(steps))
             seg, hook = self._segments(index, group, params, grads, states, models, steps)
             self.trust_ratios.append(self._update(group, seg, kernels, g_coef, g_skip, hook))
+            if self.collect_trust_ratio_stats:
+                self._record_trust_ratio_stats(group, self.trust_ratios[-1], g_skip)
         if skip is not None:
             counter = self.skipped_steps
             counter.add_(skip.to(counter.device, torch.int64))

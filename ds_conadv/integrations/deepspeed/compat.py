@@ -10,7 +10,11 @@ Everything ds_conadv needs from DeepSpeed beyond its public API is listed here, 
   overlap): this module warns when that happens (:class:`DeepSpeedCompatWarning`), it is never silent;
 * ``WarmupDecayLR._get_gamma`` (:func:`check_scheduler_hook`): ``WarmupPolyDecayLR`` raises its decay to a power;
 * ``deepspeed.ops.__compatible_ops__`` (:func:`skip_shm_op_build`): keeps DeepSpeed from JIT-building an
-  inference-only op at the first multi-rank start on CPU (a start-up cost only).
+  inference-only op at the first multi-rank start on CPU (a start-up cost only);
+* ``DeepSpeedEngine.monitor`` (its ``MonitorMaster``) and ``global_samples`` (:func:`engine_monitor`,
+  :func:`global_samples`): where ds_conadv's training metrics go when a ``"tensorboard"``, ``"csv_monitor"``,
+  ``"wandb"`` or ``"comet"`` section is enabled. Without them those metrics are not written: this module warns
+  when a section asks for them (:class:`DeepSpeedCompatWarning`), it is never silent.
 
 :data:`SUPPORTED` is the range declared in the package metadata (``pyproject.toml``'s ``deepspeed`` extra) and tested
 in CI with its oldest and newest release (``scripts/test_deepspeed_oldest.sh``); :func:`check_version` warns,
@@ -44,6 +48,10 @@ __all__ = [
     "hook_backward_epilogue",
     "has_backward_epilogue",
     "check_scheduler_hook",
+    "MONITOR_SECTIONS",
+    "monitor_requested",
+    "engine_monitor",
+    "global_samples",
 ]
 
 #: the DeepSpeed releases this module is written and tested against (``pyproject.toml`` declares the same range)
@@ -57,6 +65,7 @@ PRIVATE_USES = (
     "ZeRO 1/2/3, FP16_Optimizer and BF16_Optimizer flat partitions and _hp_mapping (exact LAMB/LARS trust ratios)",
     "WarmupDecayLR._get_gamma (WarmupPolyDecayLR)",
     "deepspeed.ops.__compatible_ops__ (skip the shm op's JIT build on CPU)",
+    "DeepSpeedEngine.monitor and global_samples (ds_conadv's metrics in TensorBoard / CSV / W&B)",
 )
 
 
@@ -432,3 +441,43 @@ def check_scheduler_hook(base: type) -> None:
             f"DeepSpeed {_installed_version()}'s {base.__name__} has no _get_gamma (ds_conadv supports "
             f"DeepSpeed {SUPPORTED}): WarmupPolyDecayLR cannot apply its power"
         )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the engine's monitor (TensorBoard, CSV, W&B, Comet): where ds_conadv's training metrics go
+# ----------------------------------------------------------------------------------------------------------
+#: DeepSpeed's config sections that enable its ``MonitorMaster``
+MONITOR_SECTIONS = ("tensorboard", "csv_monitor", "wandb", "comet")
+
+
+def monitor_requested(config: Any) -> bool:
+    """Whether a DeepSpeed config dict enables one of :data:`MONITOR_SECTIONS`."""
+    if not isinstance(config, dict):
+        return False
+    return any(isinstance(config.get(name), dict) and bool(config[name].get("enabled")) for name in MONITOR_SECTIONS)
+
+
+def engine_monitor(engine: Any) -> Optional[Any]:
+    """The engine's ``MonitorMaster`` when a monitor section is enabled and this is the rank that writes (rank 0,
+    as DeepSpeed's own events); None otherwise. When this DeepSpeed's engine has no ``monitor`` with
+    ``write_events`` or no ``global_samples`` (the x-axis) but its config enables a section, it warns
+    (:class:`DeepSpeedCompatWarning`) that ds_conadv's metrics are not written, and returns None."""
+    monitor = getattr(engine, "monitor", None)
+    if monitor is None or not callable(getattr(monitor, "write_events", None)) or not hasattr(engine, "global_samples"):
+        if monitor_requested(getattr(engine, "config", None)):
+            warnings.warn(
+                f"DeepSpeed {_installed_version()}'s engine has no monitor.write_events or global_samples "
+                f"(ds_conadv supports {SUPPORTED}): ds_conadv's training metrics (loss, accuracies, ConAdv, ABSA, "
+                "trust ratios) are not written to the enabled TensorBoard / CSV / W&B sections",
+                DeepSpeedCompatWarning,
+                stacklevel=2,
+            )
+        return None
+    if not getattr(monitor, "enabled", False) or int(getattr(engine, "global_rank", 0) or 0) != 0:
+        return None
+    return monitor
+
+
+def global_samples(engine: Any) -> int:
+    """The samples trained so far, all ranks together: the x-axis of DeepSpeed's ``Train/Samples/...`` events."""
+    return int(engine.global_samples)

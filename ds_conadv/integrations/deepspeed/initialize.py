@@ -4,7 +4,9 @@ It reads the DeepSpeed config (path, dict, or ``args.deepspeed_config``), builds
 "LARS"}`` and every ``"scheduler"`` with the one builder and factory of :mod:`ds_conadv.config.builders` (DeepSpeed's
 own optimizer types pass through unchanged), validates our ``"conadv"`` and ``"absa"`` sections, and after
 DeepSpeed has wrapped the optimizer, calls :func:`~.zero_layout.attach` so trust ratios are exact under ZeRO. With
-a ``"conadv"`` or enabled ``"absa"`` section it returns the matching engine (:mod:`.engine`).
+a ``"conadv"`` or enabled ``"absa"`` section it returns the matching engine (:mod:`.engine`). With a
+``"tensorboard"``, ``"csv_monitor"`` or ``"wandb"`` section enabled, every engine it returns writes its training
+metrics through DeepSpeed's monitor next to DeepSpeed's own (:mod:`.monitor`).
 
 Gradient clipping: one clipping, done by DeepSpeed. Our ``max_grad_norm`` and DeepSpeed's
 ``"gradient_clipping"`` are the same knob: give either (both only if equal). DeepSpeed computes the global
@@ -245,4 +247,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         from .engine import DeepSpeedConAdvEngine
 
         engine = DeepSpeedConAdvEngine(engine, conadv, loss_fn, seed=conadv_seed, steps_per_epoch=steps_per_epoch)
+    else:  # with an enabled monitor section: the loss, skips and trust ratios next to DeepSpeed's own lr
+        from .monitor import attach_step_metrics
+
+        attach_step_metrics(engine)
     return engine, opt, loader, sched
