@@ -355,3 +355,13 @@ def test_horovod_two_ranks(tmp_path):
     assert r0["comm"][:2] == ["horovod", 2] and r0["dist"] == r1["dist"]
     for key in ("hvp", "power", "lanczos", "trace"):
         _close(r0["dist"][key], r0["single"][key], 1e-5, 1e-6, key)
+
+
+def test_default_method_is_lanczos_for_top_k_and_power_for_top_1():
+    h = quad_hessian(dtype=torch.float64)
+    values, _ = h.eigenvalues(top_n=3, tol=1e-6)
+    assert h.last_info["method"] == "lanczos"
+    for v, lam in zip(values, LAM[:3]):
+        assert rel(v, lam) < 1e-3
+    (top,), _ = h.eigenvalues(tol=1e-8, maxIter=500)
+    assert h.last_info["method"] == "power" and rel(top, LAM[0]) < 1e-3
