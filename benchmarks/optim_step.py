@@ -154,13 +154,13 @@ class Contender:
     anchor: Optional[str] = None  # the contender its ratio is taken against (None: no ratio)
 
 
-def _ours(kind: str, backend: str) -> Callable:
+def _ours(kind: str, backend: str, skip_nonfinite: bool = True) -> Callable:
     def factory(params):
         try:
             optim = importlib.import_module("ds_conadv.optim")
         except Exception as e:  # noqa: BLE001 - anything that stops the import is a skip
             raise Skip(f"ds_conadv.optim not importable: {type(e).__name__}: {e}") from e
-        kw = {"backend": backend}
+        kw = {"backend": backend, "skip_nonfinite": skip_nonfinite}
         if params[0].dtype in (torch.bfloat16, torch.float16):
             kw["master_weights"] = True  # fp32 master copy (bf16-master)
         if kind == "LAMB":
@@ -293,6 +293,9 @@ def build_contenders(backends: Sequence[str]) -> List[Contender]:
     for b in backends:
         out.append(Contender(f"LAMB[{b}]", _ours("LAMB", b), anchor=a))
         out.append(Contender(f"LARS[{b}]", _ours("LARS", b), anchor=s))
+        # without the inf/NaN check (torch's optimizers make none): LAMB's check is a read of the grads
+        out.append(Contender(f"LAMB[{b},unchecked]", _ours("LAMB", b, skip_nonfinite=False), anchor=a))
+        out.append(Contender(f"LARS[{b},unchecked]", _ours("LARS", b, skip_nonfinite=False), anchor=s))
     out += [
         Contender("AdamW(foreach)", _torch_adamw("foreach"), anchor=a),
         Contender(ADAMW_ANCHOR, _torch_adamw("fused"), anchor=a),

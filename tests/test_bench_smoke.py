@@ -117,7 +117,8 @@ def test_cli_bench_forwards_arguments(capsys):
     from ds_conadv import cli
 
     assert cli.main(["bench", "--list", "--backends", "foreach", "--only", "LAMB[*],AdamW(*)"]) == 0
-    assert capsys.readouterr().out.split() == ["LAMB[foreach]", "AdamW(foreach)", "AdamW(fused)"]
+    assert capsys.readouterr().out.split() == ["LAMB[foreach]", "LAMB[foreach,unchecked]", "AdamW(foreach)",
+                                               "AdamW(fused)"]
 
 
 def test_conadv_overlap_benchmarks_run_at_tiny_size(tmp_path):

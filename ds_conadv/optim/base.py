@@ -347,6 +347,12 @@ class TrustRatioOptimizer(Optimizer):
                     part = part.reshape(())
                 device = device or part.device
                 total = part if total is None else total + part.to(device)
+            if total is not None and coef is None and max_grad_norm is None and device.type == "cpu":
+                # only the finiteness check: on CPU a host read is free, and a finite step then carries no flag
+                # (no flag ops in the rest of the step)
+                if not math.isfinite(total.item()):
+                    skip = torch.ones((), dtype=torch.bool)
+                total = None
             if total is not None:
                 norm = total.sqrt()
                 if coef is not None:
@@ -356,6 +362,8 @@ class TrustRatioOptimizer(Optimizer):
                 if max_grad_norm is not None:
                     clip = F.clip_coefficient(norm, max_grad_norm)
                     coef = clip if coef is None else coef.to(device) * clip
+        if skip is not None and skip.device.type == "cpu" and not skip.item():
+            skip = None  # (GradScaler or clipping on CPU): a step that is applied needs no flag
         return coef, skip
 
     def _layout_of(self, group: dict) -> Optional[SegmentLayout]:
@@ -374,6 +382,9 @@ class TrustRatioOptimizer(Optimizer):
         if state_init_only:
             return loss
         kernels_per_group = [self._kernels(g, c[0]) for g, c in zip(self.param_groups, collected)]
+        if self._checks_in_pass1(collected):
+            self._step_checked_in_pass1(collected, kernels_per_group)
+            return loss
         coef, skip = self._grad_coefficient(collected, kernels_per_group)
         self.trust_ratios = []
         for index, (group, data, kernels) in enumerate(zip(self.param_groups, collected, kernels_per_group)):
@@ -400,6 +411,55 @@ class TrustRatioOptimizer(Optimizer):
             counter = self.skipped_steps
             counter.add_(skip.to(counter.device, torch.int64))
         return loss
+
+    def _checks_in_pass1(self, collected) -> bool:
+        """Whether skip_nonfinite can take its verdict from pass 1 (LARS: pass 1 sums every gradient's squares and
+        writes nothing) instead of a pass of its own: the check is all that needs a gradient norm (no clipping, no
+        GradScaler), no segment layout (its all-reduce would have to run for empty groups too), CPU params (the
+        verdict is read on the host)."""
+        if (not getattr(self, "_pass1_sums_grads", False) or self._layouts or getattr(self, "found_inf", None)
+                is not None or getattr(self, "grad_scale", None) is not None or self._max_grad_norm() is not None
+                or not self._global_setting("skip_nonfinite")):
+            return False
+        return all(c[0][0].device.type == "cpu" for c in collected if c[0])
+
+    def _step_checked_in_pass1(self, collected, kernels_per_group) -> None:
+        """A step whose inf/NaN check reads pass 1's gradient sums: pass 1 of every group, the verdict, then pass 2
+        of every group (or, for a non-finite step, the usual skipped step: nothing written, counters kept)."""
+        entries = []
+        total = None
+        for index, (group, data, kernels) in enumerate(zip(self.param_groups, collected, kernels_per_group)):
+            params, grads, states, models, steps = data
+            if not params:
+                entries.append(None)
+                continue
+            if isinstance(steps, Tensor):  # advanced now (pass 2 reads them), taken back if the step is skipped
+                steps.add_(1)
+            else:
+                torch._foreach_add_(steps, 1)
+            seg, _ = self._segments(index, group, params, grads, states, models, steps)
+            sums = self._pass1(seg, kernels)
+            part = sums[:, 0].sum()
+            total = part if total is None else total + part
+            entries.append((seg, sums))
+        finite = total is None or math.isfinite(total.item())
+        skip = None if finite else torch.ones((), dtype=torch.bool)
+        self.trust_ratios = []
+        for group, data, kernels, entry in zip(self.param_groups, collected, kernels_per_group, entries):
+            if entry is None:
+                self.trust_ratios.append(None)
+                continue
+            seg, sums = entry
+            if not finite:
+                steps = data[4]
+                if isinstance(steps, Tensor):
+                    steps.sub_(1)
+                else:
+                    torch._foreach_sub_(steps, 1)
+            self.trust_ratios.append(self._update(group, seg, kernels, None, skip, None, sums=sums if finite else None))
+        if not finite:
+            counter = self.skipped_steps
+            counter.add_(1)
 
     def _check_wrapped(self) -> bool:
         """A wrapper (DeepSpeed ZeRO, fp16/bf16) that swapped our params for flat buffers would make every
