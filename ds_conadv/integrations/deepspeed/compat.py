@@ -349,7 +349,7 @@ def check_zero3_offload(wrapper: Any) -> None:
         raise NotImplementedError(
             'ds_conadv LAMB/LARS under ZeRO stage 3 with "offload_optimizer": {"device": "nvme"} is not supported: '
             "DeepSpeed swaps each sub-group's fp32 partition and optimizer state in and out of NVMe buffers around "
-            "its step, and the step's cached segment views would not follow them; use \"device\": \"cpu\""
+            'its step, and the step\'s cached segment views would not follow them; use "device": "cpu"'
         )
     ratio = getattr(wrapper, "partial_offload", None)
     ratio = 1.0 if ratio is None else float(ratio)

@@ -83,8 +83,10 @@ def _offload_for_trust_optimizer(cfg: Dict[str, Any], backends: Any) -> Optional
     ``"zero_force_ds_cpu_optimizer"`` is false (it knows no fused CPU LAMB/LARS): set it. Returns the offload
     device, or None without offload."""
     zero = cfg.get("zero_optimization")
-    section = zero.get("offload_optimizer") if isinstance(zero, dict) else None
-    device = section.get("device") if isinstance(section, dict) else None
+    if not isinstance(zero, dict) or not isinstance(zero.get("offload_optimizer"), dict):
+        return None
+    section: Dict[str, Any] = zero["offload_optimizer"]
+    device = section.get("device")
     if device not in ("cpu", "nvme"):
         return None
     stage = zero.get("stage", 0)
@@ -99,8 +101,8 @@ def _offload_for_trust_optimizer(cfg: Dict[str, Any], backends: Any) -> Optional
                           "optimizer; use 1.0")
     wrong = sorted(set(backends) - set(_CPU_BACKENDS))
     if wrong:
-        raise ConfigError(f'"optimizer.params.backend" = {wrong[0]!r} cannot step ZeRO-Offload\'s partition, which lives '
-                          f"in CPU memory; allowed: {', '.join(_CPU_BACKENDS)} (auto: the fused C++ CPU kernels)")
+        raise ConfigError(f'"optimizer.params.backend" = {wrong[0]!r} cannot step ZeRO-Offload\'s partition, which '
+                          f"lives in CPU memory; allowed: {', '.join(_CPU_BACKENDS)} (auto: the fused C++ CPU kernels)")
     if cfg.get("zero_force_ds_cpu_optimizer") is True:
         raise ConfigError('"zero_force_ds_cpu_optimizer": true refuses every optimizer but DeepSpeed\'s own CPU ones '
                           "under ZeRO-Offload; ds_conadv's LAMB/LARS step the offloaded partition with fused C++ "
