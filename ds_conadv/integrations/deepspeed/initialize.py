@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 from typing import Any, Dict, Optional
 
@@ -268,8 +269,10 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         if offload is not None:
             from deepspeed.utils import log_dist
 
+            # at warning level: DeepSpeed 0.19 shows only warnings by default, and a changed setting must be seen
             log_dist(f"ds_conadv: ZeRO-Offload ({offload}) steps {type(optimizer).__name__} with ds_conadv's fused "
-                     'CPU kernels; "zero_force_ds_cpu_optimizer": false set for DeepSpeed', ranks=[0])
+                     'CPU kernels; "zero_force_ds_cpu_optimizer": false set for DeepSpeed', ranks=[0],
+                     level=logging.WARNING)
 
     engine, opt, loader, sched = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
