@@ -43,6 +43,8 @@ __all__ = [
     "wrapper_kind",
     "WRAPPERS",
     "flat_partitions",
+    "offload_device",
+    "check_zero3_offload",
     "hp_fragment",
     "find_wrapper",
     "hook_backward_epilogue",
@@ -63,6 +65,7 @@ SUPPORTED = f">={MIN_VERSION},<{MAX_VERSION}"
 PRIVATE_USES = (
     "DeepSpeedEngine._backward_epilogue (ConAdv generation starts when the gradient reduction starts)",
     "ZeRO 1/2/3, FP16_Optimizer and BF16_Optimizer flat partitions and _hp_mapping (exact LAMB/LARS trust ratios)",
+    "ZeRO's offload flags cpu_offload, offload_optimizer, swap_optimizer, partial_offload (ZeRO-Offload)",
     "WarmupDecayLR._get_gamma (WarmupPolyDecayLR)",
     "deepspeed.ops.__compatible_ops__ (skip the shm op's JIT build on CPU)",
     "DeepSpeedEngine.monitor and global_samples (ds_conadv's metrics in TensorBoard / CSV / W&B)",
@@ -337,13 +340,43 @@ def flat_partitions(wrapper: Any) -> List[Tuple[Any, List[Any], Any]]:
     raise ValueError(f"flat_partitions: not a stage-1/2, bf16 or fp16 wrapper: {type(wrapper).__name__}")
 
 
-def zero3_partitions(wrapper: Any) -> Tuple[List[Tuple[Any, List[Tuple[int, int]]]], Any]:
-    """ZeRO 3: (per sub-group ``(flat fp32 partition, [(partition_numel, ds_numel) per param])``, process group)."""
-    if getattr(wrapper, "offload_optimizer", False):
+def offload_device(wrapper: Any) -> Optional[str]:
+    """``"cpu"`` or ``"nvme"`` when a ZeRO wrapper keeps the fp32 partition and optimizer state off the
+    accelerator (``"offload_optimizer"``), else None."""
+    kind = wrapper_kind(wrapper)
+    if kind == "zero12":
+        return "cpu" if getattr(wrapper, "cpu_offload", False) else None
+    if kind == "zero3" and getattr(wrapper, "offload_optimizer", False):
+        return "nvme" if getattr(wrapper, "swap_optimizer", False) else "cpu"
+    return None
+
+
+def check_zero3_offload(wrapper: Any) -> None:
+    """ZeRO 3 with ``"offload_optimizer"`` steps every sub-group on our optimizer when the whole partition is
+    offloaded to CPU memory; the other two layouts are refused, with the reason."""
+    if offload_device(wrapper) == "nvme":
         raise NotImplementedError(
-            "ds_conadv LAMB/LARS under ZeRO stage 3 with optimizer offload is not supported "
-            "(its sub-groups step on a backup optimizer); use it without offload_optimizer"
+            'ds_conadv LAMB/LARS under ZeRO stage 3 with "offload_optimizer": {"device": "nvme"} is not supported: '
+            "DeepSpeed swaps each sub-group's fp32 partition and optimizer state in and out of NVMe buffers around "
+            'its step, and the step\'s cached segment views would not follow them; use "device": "cpu"'
         )
+    ratio = getattr(wrapper, "partial_offload", None)
+    ratio = 1.0 if ratio is None else float(ratio)
+    if ratio != 1.0:
+        raise NotImplementedError(
+            f'ds_conadv LAMB/LARS under ZeRO stage 3 with "offload_optimizer.ratio" = {ratio} is not supported: '
+            "DeepSpeed steps the sub-groups it keeps on the accelerator with its own AdamW backup optimizer, not "
+            "with ours; use ratio 1.0 (the whole partition on CPU, stepped by the fused C++ kernels)"
+        )
+
+
+def zero3_partitions(wrapper: Any) -> Tuple[List[Tuple[Any, List[Tuple[int, int]]]], Any]:
+    """ZeRO 3: (per sub-group ``(flat fp32 partition, [(partition_numel, ds_numel) per param])``, process group).
+
+    DeepSpeed cuts sub-groups at parameter boundaries, so every parameter's pieces sit in one sub-group and a
+    sub-group's step (with offload: one call of our optimizer per sub-group) sees whole-tensor norms after the
+    all-reduce."""
+    check_zero3_offload(wrapper)
     groups = []
     for sub_group, flat in zip(_require(wrapper, "fp16_groups"), _require(wrapper, "fp32_partitioned_groups_flat")):
         groups.append((flat, [(int(p.partition_numel()), int(p.ds_numel)) for p in sub_group]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 from typing import Any, Dict, Optional
 
@@ -73,6 +74,44 @@ def _strip_own_clipping(optimizer: TrustRatioOptimizer) -> Optional[float]:
     for g in optimizer.param_groups:
         g["max_grad_norm"] = None
     return values.pop() if values else None
+
+
+#: the backends that step tensors in CPU memory (ZeRO-Offload's partition); "auto" picks the fused C++ kernels
+_CPU_BACKENDS = ("auto", "cpp", "foreach", "reference")
+
+
+def _offload_for_trust_optimizer(cfg: Dict[str, Any], backends: Any) -> Optional[str]:
+    """ZeRO-Offload with our LAMB/LARS: its step runs on the CPU copy of the partition, with the fused C++ kernels
+    (backend "auto" or "cpp"). DeepSpeed refuses any optimizer but its own CPU ones there unless
+    ``"zero_force_ds_cpu_optimizer"`` is false (it knows no fused CPU LAMB/LARS): set it. Returns the offload
+    device, or None without offload."""
+    zero = cfg.get("zero_optimization")
+    if not isinstance(zero, dict) or not isinstance(zero.get("offload_optimizer"), dict):
+        return None
+    section: Dict[str, Any] = zero["offload_optimizer"]
+    device = section.get("device")
+    if device not in ("cpu", "nvme"):
+        return None
+    stage = zero.get("stage", 0)
+    if device == "nvme":
+        raise ConfigError('"zero_optimization.offload_optimizer.device" = "nvme" with LAMB/LARS is not supported: '
+                          "DeepSpeed swaps each sub-group's fp32 partition and optimizer state in and out of NVMe "
+                          'buffers around its step; use "cpu"')
+    ratio = section.get("ratio", 1.0)
+    if stage == 3 and ratio != 1.0:
+        raise ConfigError(f'"zero_optimization.offload_optimizer.ratio" = {ratio} with LAMB/LARS is not supported: '
+                          "DeepSpeed steps the sub-groups it keeps on the accelerator with its own AdamW backup "
+                          "optimizer; use 1.0")
+    wrong = sorted(set(backends) - set(_CPU_BACKENDS))
+    if wrong:
+        raise ConfigError(f'"optimizer.params.backend" = {wrong[0]!r} cannot step ZeRO-Offload\'s partition, which '
+                          f"lives in CPU memory; allowed: {', '.join(_CPU_BACKENDS)} (auto: the fused C++ CPU kernels)")
+    if cfg.get("zero_force_ds_cpu_optimizer") is True:
+        raise ConfigError('"zero_force_ds_cpu_optimizer": true refuses every optimizer but DeepSpeed\'s own CPU ones '
+                          "under ZeRO-Offload; ds_conadv's LAMB/LARS step the offloaded partition with fused C++ "
+                          "kernels: remove the key or set it false")
+    cfg["zero_force_ds_cpu_optimizer"] = False
+    return device
 
 
 def _check_absa(section, cfg: Dict[str, Any], conadv: ConAdvConfig):
@@ -142,9 +181,10 @@ def validate_config(config) -> Dict[str, Any]:
     spec = optimizer_spec(cfg.get("optimizer"))
     if spec is not None:  # ours (DeepSpeed's own types pass through)
         _reconcile_clipping(cfg, spec.max_grad_norm)
-        spec.cls([torch.zeros(1, requires_grad=True)], **spec.kwargs)  # the optimizer's own type/range checks
+        probe = spec.cls([torch.zeros(1, requires_grad=True)], **spec.kwargs)  # its own type/range checks
         del cfg["optimizer"]
         cfg.setdefault("zero_allow_untested_optimizer", True)
+        _offload_for_trust_optimizer(cfg, [g["backend"] for g in probe.param_groups])
     if isinstance(cfg.get("scheduler"), dict):
         scheduler_factory(cfg.pop("scheduler"), total_steps=1)  # built by our factory (every type)
     compat.check_config(cfg)  # DeepSpeed's sections, unknown top-level keys, gradient_clipping: one line each
@@ -227,6 +267,14 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         _reconcile_clipping(cfg, _strip_own_clipping(optimizer))
         if cfg.get("zero_optimization", {}).get("stage", 0):
             cfg.setdefault("zero_allow_untested_optimizer", True)
+        offload = _offload_for_trust_optimizer(cfg, [g["backend"] for g in optimizer.param_groups])
+        if offload is not None:
+            from deepspeed.utils import log_dist
+
+            # at warning level: DeepSpeed 0.19 shows only warnings by default, and a changed setting must be seen
+            log_dist(f"ds_conadv: ZeRO-Offload ({offload}) steps {type(optimizer).__name__} with ds_conadv's fused "
+                     'CPU kernels; "zero_force_ds_cpu_optimizer": false set for DeepSpeed', ranks=[0],
+                     level=logging.WARNING)
 
     if not torch.distributed.is_initialized():
         # DeepSpeed's communication start-up would JIT-build its inference-only shm all-reduce op on CPU (minutes,
