@@ -457,6 +457,8 @@ class TrustRatioOptimizer(Optimizer):
                 else:
                     torch._foreach_sub_(steps, 1)
             self.trust_ratios.append(self._update(group, seg, kernels, None, skip, None, sums=sums if finite else None))
+            if self.collect_trust_ratio_stats:
+                self._record_trust_ratio_stats(group, self.trust_ratios[-1], skip)
         if not finite:
             counter = self.skipped_steps
             counter.add_(1)
