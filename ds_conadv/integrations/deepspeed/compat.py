@@ -10,7 +10,11 @@ Everything ds_conadv needs from DeepSpeed beyond its public API is listed here, 
   overlap): this module warns when that happens (:class:`DeepSpeedCompatWarning`), it is never silent;
 * ``WarmupDecayLR._get_gamma`` (:func:`check_scheduler_hook`): ``WarmupPolyDecayLR`` raises its decay to a power;
 * ``deepspeed.ops.__compatible_ops__`` (:func:`skip_shm_op_build`): keeps DeepSpeed from JIT-building an
-  inference-only op at the first multi-rank start on CPU (a start-up cost only).
+  inference-only op at the first multi-rank start on CPU (a start-up cost only);
+* the engine's model-parallel unit (``engine.mpu``, ``engine.pipeline_parallelism``) and the
+  ``tensor_model_parallel`` marker on split weights (:func:`tensor_parallel_group`, :func:`pipeline_parallel_group`,
+  :func:`is_tensor_parallel_param`): without them trust ratios of tensor-parallel weights are per shard and our
+  own ``max_grad_norm`` under a pipeline is per stage.
 
 :data:`SUPPORTED` is the range declared in the package metadata (``setup.py``'s ``deepspeed`` extra) and tested
 in CI with its oldest and newest release (``scripts/test_deepspeed_oldest.sh``); :func:`check_version` warns,
@@ -44,6 +48,9 @@ __all__ = [
     "hook_backward_epilogue",
     "has_backward_epilogue",
     "check_scheduler_hook",
+    "is_tensor_parallel_param",
+    "tensor_parallel_group",
+    "pipeline_parallel_group",
 ]
 
 #: the DeepSpeed releases this module is written and tested against (``setup.py`` declares the same range)
@@ -57,6 +64,7 @@ PRIVATE_USES = (
     "ZeRO 1/2/3, FP16_Optimizer and BF16_Optimizer flat partitions and _hp_mapping (exact LAMB/LARS trust ratios)",
     "WarmupDecayLR._get_gamma (WarmupPolyDecayLR)",
     "deepspeed.ops.__compatible_ops__ (skip the shm op's JIT build on CPU)",
+    "engine.mpu, engine.pipeline_parallelism and the tensor_model_parallel marker (tensor and pipeline parallelism)",
 )
 
 
@@ -432,3 +440,56 @@ def check_scheduler_hook(base: type) -> None:
             f"DeepSpeed {_installed_version()}'s {base.__name__} has no _get_gamma (ds_conadv supports "
             f"DeepSpeed {SUPPORTED}): WarmupPolyDecayLR cannot apply its power"
         )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tensor and pipeline parallelism: the engine's model-parallel unit and the params' tensor-parallel marker
+# ----------------------------------------------------------------------------------------------------------
+#: the attributes DeepSpeed's AutoTP layers (``module_inject/layers.py``) and Megatron-LM set on split weights
+TENSOR_PARALLEL_MARKERS = ("tensor_model_parallel", "model_parallel")
+
+
+def is_tensor_parallel_param(param: Any) -> bool:
+    """Whether ``param`` is one rank's shard of a weight split over the tensor-parallel group (AutoTP's and
+    Megatron's marker); replicated params (a row-parallel layer's bias, LayerNorm) are not marked."""
+    return any(bool(getattr(param, name, False)) for name in TENSOR_PARALLEL_MARKERS)
+
+
+def _mpu_group(mpu: Any, getters: Tuple[str, ...], size_getters: Tuple[str, ...]) -> Any:
+    import torch.distributed as dist
+
+    for name, size_name in zip(getters, size_getters):
+        get = getattr(mpu, name, None)
+        if callable(get):
+            group = get()
+            size = getattr(mpu, size_name, None)
+            world = size() if callable(size) else dist.get_world_size(group=group)
+            return group if world > 1 else None
+    return None
+
+
+def tensor_parallel_group(engine: Any) -> Any:
+    """The tensor-parallel process group of a DeepSpeed engine (AutoTP's ``deepspeed.utils.groups``, a Megatron
+    ``mpu`` passed to ``initialize``, or a pipeline grid's slice group), or None without tensor parallelism."""
+    mpu = getattr(engine, "mpu", None)
+    if mpu is None:
+        return None
+    return _mpu_group(mpu, ("get_tensor_model_parallel_group", "get_slice_parallel_group"),
+                      ("get_tensor_model_parallel_world_size", "get_slice_parallel_world_size"))
+
+
+def pipeline_parallel_group(engine: Any) -> Any:
+    """The pipeline-parallel process group (the ranks holding the other stages of this rank's model) of a
+    ``PipelineEngine``, or None for any other engine or a single stage."""
+    if not bool(getattr(engine, "pipeline_parallelism", False)):
+        return None
+    mpu = getattr(engine, "mpu", None)
+    if mpu is None:
+        return None
+    return _mpu_group(mpu, ("get_pipe_parallel_group",), ("get_pipe_parallel_world_size",))
+
+
+def wrapper_model_params(wrapper: Any) -> List[List[Any]]:
+    """The model's params per group (ZeRO 3: per sub-group, in the order of :func:`zero3_partitions`) of a ZeRO-3
+    or unfused fp16/bf16 wrapper."""
+    return [list(sub_group) for sub_group in _require(wrapper, "fp16_groups")]

@@ -163,6 +163,18 @@ def _norm_buffers_follow_params(module: torch.nn.Module) -> None:
                 setattr(layer, name, buf.to(dtype))
 
 
+def _refuse_pipeline_adversarial(model: Any, has_conadv: bool, absa_on: bool) -> None:
+    """ConAdv (and ABSA's attack and eigenvalue) need the input gradient and a Hessian-vector product through the
+    whole network per step: a PipelineModule holds only this rank's stage and is driven by its own schedule."""
+    from deepspeed.pipe import PipelineModule
+
+    if isinstance(model, PipelineModule) and (has_conadv or absa_on):
+        section = '"absa"' if absa_on else '"conadv"'
+        raise ConfigError(f"{section} with a PipelineModule is not supported: adversarial generation needs a forward "
+                          "and backward pass through the whole network per step, which pipeline parallelism "
+                          "spreads over its stages; remove the section or train without PipelineModule")
+
+
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
                mpu=None, dist_init_required=None, collate_fn=None, config=None, config_params=None, **kwargs):
     """``deepspeed.initialize`` with ds_conadv's optimizers and sections. Same arguments, same return values.
@@ -201,6 +213,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         raise ConfigError('"absa.enabled": true with steps_per_epoch=: an ABSA run has no fixed epoch length (its '
                           "steps per epoch shrink as the batch grows; use engine.steps_per_epoch(samples)); "
                           "ds-conadv train does not drive ABSA: see docs/hessian.md for the ABSA loop")
+    _refuse_pipeline_adversarial(model, has_conadv, absa_on)
     if conadv.enabled and conadv.dual_bn:
         if model is None:
             raise ConfigError('"conadv.dual_bn" needs model= (its BatchNorm layers get an adversarial twin)')

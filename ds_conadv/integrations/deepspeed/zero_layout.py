@@ -18,7 +18,8 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from ds_conadv.optim import SegmentLayout, TrustRatioOptimizer
+from ds_conadv.optim import SegmentLayout, TrustRatioOptimizer, mark_sharded
+from ds_conadv.optim.sharding import groups_of
 
 from . import compat
 
@@ -73,9 +74,26 @@ def _set_layout(
     fragments: List[Fragment],
     num_ids: int,
     hook: Optional[Callable[[torch.Tensor], None]],
+    lp_params: List[torch.Tensor],
 ) -> None:
-    # keyed by the flat tensor: DeepSpeed steps one group at a time with ``param_groups`` swapped
-    trust.set_segment_layout(flat, SegmentLayout([fragments], num_ids, hook))
+    # keyed by the flat tensor: DeepSpeed steps one group at a time with ``param_groups`` swapped; the shard
+    # markers of the original params (tensor parallelism) go with the norm ids
+    trust.set_segment_layout(flat, SegmentLayout([fragments], num_ids, hook, shard_groups=groups_of(lp_params)))
+
+
+def _mark_parallel_params(engine: Any, trust: TrustRatioOptimizer) -> None:
+    """Tensor parallelism: mark the engine's split weights (AutoTP's / Megatron's marker) as sharded over the
+    tensor-parallel group, so their norms are summed over it. Pipeline parallelism: our own ``max_grad_norm``
+    (a LAMB/LARS given to plain ``deepspeed.initialize`` without DeepSpeed's clipping) sums the gradient norm over
+    the stages."""
+    tp_group = compat.tensor_parallel_group(engine)
+    if tp_group is not None:
+        for p in engine.module.parameters():
+            if compat.is_tensor_parallel_param(p):
+                mark_sharded(p, tp_group)
+    pipe_group = compat.pipeline_parallel_group(engine)
+    if pipe_group is not None:
+        trust.set_global_norm_hook(_all_reduce_hook(pipe_group))
 
 
 def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
@@ -94,23 +112,30 @@ def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
     if trust is None:
         return None
     kind = None if wrapper is trust else compat.wrapper_kind(wrapper)
+    if is_engine:
+        _mark_parallel_params(engine_or_optimizer, trust)
+    if kind == "fp16_unfused" and any(compat.is_tensor_parallel_param(p) 
+                                            for g in compat.wrapper_model_params(wrapper) for p in g):
+        raise NotImplementedError("ds_conadv cannot make trust ratios exact for tensor-parallel weights under "
+                                  "DeepSpeed's FP16_UnfusedOptimizer (bf16/fp16 at ZeRO 0: the optimizer steps "
+                                  "on unmarked fp32 copies); use ZeRO stage 1, 2 or 3 with bf16/fp16")
     if wrapper is trust or kind == "fp16_unfused":
         # stage 0: fp32 runs hand our optimizer the real tensors, fp16/bf16 per-tensor fp32 copies
         trust.mark_attached()
         return trust
     if kind in ("zero12", "bf16"):
         for flat, lp_params, group in compat.flat_partitions(wrapper):
-            _set_layout(trust, flat, _hp_fragments(lp_params), len(lp_params), _all_reduce_hook(group))
+            _set_layout(trust, flat, _hp_fragments(lp_params), len(lp_params), _all_reduce_hook(group), lp_params)
     elif kind == "fp16":  # fp16/bf16 without ZeRO: one flat fp32 copy per group, not partitioned
         for flat, lp_params, _ in compat.flat_partitions(wrapper):
-            _set_layout(trust, flat, _contiguous_fragments(lp_params), len(lp_params), None)
+            _set_layout(trust, flat, _contiguous_fragments(lp_params), len(lp_params), None, lp_params)
     elif kind == "zero3":
         from deepspeed import comm as dist
 
         sub_groups, process_group = compat.zero3_partitions(wrapper)
         hook = _all_reduce_hook(process_group)
         rank = dist.get_rank(group=process_group)
-        for flat, sizes in sub_groups:
+        for (flat, sizes), lp_params in zip(sub_groups, compat.wrapper_model_params(wrapper)):
             # every param is split evenly over the ranks; this rank's piece sits at a running offset in the
             # sub-group's flat buffer, followed by padding on the last rank
             fragments, offset = [], 0
@@ -119,7 +144,7 @@ def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
                 if valid:
                     fragments.append((offset, valid, index))
                 offset += part
-            _set_layout(trust, flat, fragments, len(sizes), hook)
+            _set_layout(trust, flat, fragments, len(sizes), hook, lp_params)
     else:
         raise NotImplementedError(
             f"ds_conadv cannot make trust ratios exact under DeepSpeed's "
