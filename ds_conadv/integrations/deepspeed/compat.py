@@ -11,7 +11,7 @@ Everything ds_conadv needs from DeepSpeed beyond its public API is listed here, 
 * ``WarmupDecayLR._get_gamma`` (:func:`check_scheduler_hook`): ``WarmupPolyDecayLR`` raises its decay to a power;
 * ``deepspeed.ops.__compatible_ops__`` (:func:`skip_shm_op_build`): keeps DeepSpeed from JIT-building an
   inference-only op at the first multi-rank start on CPU (a start-up cost only);
-* the engine's model-parallel unit (``engine.mpu``, ``engine.pipeline_parallelism``) and the
+* the engine's and the wrappers' model-parallel unit (``mpu``) and the
   ``tensor_model_parallel`` marker on split weights (:func:`tensor_parallel_group`, :func:`pipeline_parallel_group`,
   :func:`is_tensor_parallel_param`): without them trust ratios of tensor-parallel weights are per shard and our
   own ``max_grad_norm`` under a pipeline is per stage.
@@ -64,7 +64,7 @@ PRIVATE_USES = (
     "ZeRO 1/2/3, FP16_Optimizer and BF16_Optimizer flat partitions and _hp_mapping (exact LAMB/LARS trust ratios)",
     "WarmupDecayLR._get_gamma (WarmupPolyDecayLR)",
     "deepspeed.ops.__compatible_ops__ (skip the shm op's JIT build on CPU)",
-    "engine.mpu, engine.pipeline_parallelism and the tensor_model_parallel marker (tensor and pipeline parallelism)",
+    "the engine's and wrappers' mpu and the tensor_model_parallel marker (tensor and pipeline parallelism)",
 )
 
 
@@ -468,28 +468,35 @@ def _mpu_group(mpu: Any, getters: Tuple[str, ...], size_getters: Tuple[str, ...]
     return None
 
 
-def tensor_parallel_group(engine: Any) -> Any:
-    """The tensor-parallel process group of a DeepSpeed engine (AutoTP's ``deepspeed.utils.groups``, a Megatron
-    ``mpu`` passed to ``initialize``, or a pipeline grid's slice group), or None without tensor parallelism."""
-    mpu = getattr(engine, "mpu", None)
+def tensor_parallel_group(owner: Any) -> Any:
+    """The tensor-parallel process group of a DeepSpeed engine or optimizer wrapper (from its model-parallel unit
+    ``mpu``: AutoTP's ``deepspeed.utils.groups``, a Megatron ``mpu`` passed to ``initialize``, a pipeline grid's
+    slice group), or None without tensor parallelism."""
+    mpu = getattr(owner, "mpu", None)
     if mpu is None:
         return None
     return _mpu_group(mpu, ("get_tensor_model_parallel_group", "get_slice_parallel_group"),
                       ("get_tensor_model_parallel_world_size", "get_slice_parallel_world_size"))
 
 
-def pipeline_parallel_group(engine: Any) -> Any:
-    """The pipeline-parallel process group (the ranks holding the other stages of this rank's model) of a
-    ``PipelineEngine``, or None for any other engine or a single stage."""
-    if not bool(getattr(engine, "pipeline_parallelism", False)):
-        return None
-    mpu = getattr(engine, "mpu", None)
+def pipeline_parallel_group(owner: Any) -> Any:
+    """The pipeline-parallel process group (the ranks that hold the other stages of the model) of a DeepSpeed
+    engine or optimizer wrapper (a ``PipelineEngine``'s grid, a Megatron ``mpu``), or None with one stage."""
+    mpu = getattr(owner, "mpu", None)
     if mpu is None:
         return None
-    return _mpu_group(mpu, ("get_pipe_parallel_group",), ("get_pipe_parallel_world_size",))
+    return _mpu_group(mpu, ("get_pipe_parallel_group", "get_pipeline_model_parallel_group"),
+                      ("get_pipe_parallel_world_size", "get_pipeline_model_parallel_world_size"))
 
 
 def wrapper_model_params(wrapper: Any) -> List[List[Any]]:
     """The model's params per group (ZeRO 3: per sub-group, in the order of :func:`zero3_partitions`) of a ZeRO-3
     or unfused fp16/bf16 wrapper."""
     return [list(sub_group) for sub_group in _require(wrapper, "fp16_groups")]
+
+
+def default_gradient_clipping() -> float:
+    """DeepSpeed's ``"gradient_clipping"`` when a config has none (1.0 in 0.16.9 to 0.19.8)."""
+    from deepspeed.runtime import constants
+
+    return float(constants.GRADIENT_CLIPPING_DEFAULT)

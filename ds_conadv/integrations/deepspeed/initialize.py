@@ -163,6 +163,27 @@ def _norm_buffers_follow_params(module: torch.nn.Module) -> None:
                 setattr(layer, name, buf.to(dtype))
 
 
+def _pipeline_clipping_in_optimizer(model: Any, cfg: Dict[str, Any], optimizer: TrustRatioOptimizer) -> None:
+    """A PipelineModule in fp32 at ZeRO 0: DeepSpeed's clipping there counts only the first stage's gradients (its
+    grid's model-parallel group spans the stages and only model-parallel rank 0 adds replicated params), so our
+    optimizer clips instead, with the norm summed over the stages (:func:`~.zero_layout.attach`); DeepSpeed's
+    ``"gradient_clipping"`` (or its default) becomes our ``max_grad_norm`` and DeepSpeed's is set to 0."""
+    from deepspeed.pipe import PipelineModule
+
+    from . import compat
+
+    zero = cfg.get("zero_optimization")
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    low_precision = any(isinstance(cfg.get(k), dict) and cfg[k].get("enabled") for k in ("bf16", "fp16"))
+    if not isinstance(model, PipelineModule) or stage or low_precision:
+        return
+    clip = cfg.get("gradient_clipping")
+    clip = compat.default_gradient_clipping() if clip is None else float(clip)
+    cfg["gradient_clipping"] = 0.0
+    for group in optimizer.param_groups:
+        group["max_grad_norm"] = clip if clip > 0 else None
+
+
 def _refuse_pipeline_adversarial(model: Any, has_conadv: bool, absa_on: bool) -> None:
     """ConAdv (and ABSA's attack and eigenvalue) need the input gradient and a Hessian-vector product through the
     whole network per step: a PipelineModule holds only this rank's stage and is driven by its own schedule."""
@@ -236,6 +257,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         del cfg["scheduler"]
     if isinstance(optimizer, TrustRatioOptimizer):
         _reconcile_clipping(cfg, _strip_own_clipping(optimizer))
+        _pipeline_clipping_in_optimizer(model, cfg, optimizer)
         if cfg.get("zero_optimization", {}).get("stage", 0):
             cfg.setdefault("zero_allow_untested_optimizer", True)
 

@@ -14,11 +14,11 @@ Every read of a DeepSpeed private attribute goes through :mod:`.compat`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
 
-from ds_conadv.optim import SegmentLayout, TrustRatioOptimizer, mark_sharded
+from ds_conadv.optim import SegmentLayout, TrustRatioOptimizer, is_sharded, mark_sharded
 from ds_conadv.optim.sharding import groups_of
 
 from . import compat
@@ -81,17 +81,17 @@ def _set_layout(
     trust.set_segment_layout(flat, SegmentLayout([fragments], num_ids, hook, shard_groups=groups_of(lp_params)))
 
 
-def _mark_parallel_params(engine: Any, trust: TrustRatioOptimizer) -> None:
-    """Tensor parallelism: mark the engine's split weights (AutoTP's / Megatron's marker) as sharded over the
-    tensor-parallel group, so their norms are summed over it. Pipeline parallelism: our own ``max_grad_norm``
-    (a LAMB/LARS given to plain ``deepspeed.initialize`` without DeepSpeed's clipping) sums the gradient norm over
-    the stages."""
-    tp_group = compat.tensor_parallel_group(engine)
+def _mark_parallel_params(owner: Any, params: Iterable[torch.Tensor], trust: TrustRatioOptimizer) -> None:
+    """Tensor parallelism: mark the split weights among ``params`` (AutoTP's / Megatron's marker) as sharded over
+    the tensor-parallel group of ``owner`` (engine or wrapper), so their norms are summed over it. Pipeline
+    parallelism: our own ``max_grad_norm`` (a LAMB/LARS given to plain ``deepspeed.initialize`` without DeepSpeed's
+    clipping) and the inf/NaN check sum the gradient norm over the stages."""
+    tp_group = compat.tensor_parallel_group(owner)
     if tp_group is not None:
-        for p in engine.module.parameters():
+        for p in params:
             if compat.is_tensor_parallel_param(p):
                 mark_sharded(p, tp_group)
-    pipe_group = compat.pipeline_parallel_group(engine)
+    pipe_group = compat.pipeline_parallel_group(owner)
     if pipe_group is not None:
         trust.set_global_norm_hook(_all_reduce_hook(pipe_group))
 
@@ -113,9 +113,10 @@ def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
         return None
     kind = None if wrapper is trust else compat.wrapper_kind(wrapper)
     if is_engine:
-        _mark_parallel_params(engine_or_optimizer, trust)
-    if kind == "fp16_unfused" and any(compat.is_tensor_parallel_param(p) 
-                                            for g in compat.wrapper_model_params(wrapper) for p in g):
+        _mark_parallel_params(engine_or_optimizer, engine_or_optimizer.module.parameters(), trust)
+    elif kind in ("zero12", "bf16", "fp16"):  # found by a LAMB/LARS given to plain deepspeed.initialize
+        _mark_parallel_params(wrapper, [p for _, lp, _ in compat.flat_partitions(wrapper) for p in lp], trust)
+    if kind == "fp16_unfused" and any(is_sharded(p) for g in compat.wrapper_model_params(wrapper) for p in g):
         raise NotImplementedError("ds_conadv cannot make trust ratios exact for tensor-parallel weights under "
                                   "DeepSpeed's FP16_UnfusedOptimizer (bf16/fp16 at ZeRO 0: the optimizer steps "
                                   "on unmarked fp32 copies); use ZeRO stage 1, 2 or 3 with bf16/fp16")
