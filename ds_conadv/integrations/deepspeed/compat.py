@@ -475,8 +475,11 @@ def tensor_parallel_group(owner: Any) -> Any:
     mpu = getattr(owner, "mpu", None)
     if mpu is None:
         return None
-    return _mpu_group(mpu, ("get_tensor_model_parallel_group", "get_slice_parallel_group"),
-                      ("get_tensor_model_parallel_world_size", "get_slice_parallel_world_size"))
+    return _mpu_group(
+        mpu,
+        ("get_tensor_model_parallel_group", "get_slice_parallel_group"),
+        ("get_tensor_model_parallel_world_size", "get_slice_parallel_world_size"),
+    )
 
 
 def pipeline_parallel_group(owner: Any) -> Any:
@@ -485,8 +488,11 @@ def pipeline_parallel_group(owner: Any) -> Any:
     mpu = getattr(owner, "mpu", None)
     if mpu is None:
         return None
-    return _mpu_group(mpu, ("get_pipe_parallel_group", "get_pipeline_model_parallel_group"),
-                      ("get_pipe_parallel_world_size", "get_pipeline_model_parallel_world_size"))
+    return _mpu_group(
+        mpu,
+        ("get_pipe_parallel_group", "get_pipeline_model_parallel_group"),
+        ("get_pipe_parallel_world_size", "get_pipeline_model_parallel_world_size"),
+    )
 
 
 def wrapper_model_params(wrapper: Any) -> List[List[Any]]:

@@ -117,9 +117,11 @@ def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
     elif kind in ("zero12", "bf16", "fp16"):  # found by a LAMB/LARS given to plain deepspeed.initialize
         _mark_parallel_params(wrapper, [p for _, lp, _ in compat.flat_partitions(wrapper) for p in lp], trust)
     if kind == "fp16_unfused" and any(is_sharded(p) for g in compat.wrapper_model_params(wrapper) for p in g):
-        raise NotImplementedError("ds_conadv cannot make trust ratios exact for tensor-parallel weights under "
-                                  "DeepSpeed's FP16_UnfusedOptimizer (bf16/fp16 at ZeRO 0: the optimizer steps "
-                                  "on unmarked fp32 copies); use ZeRO stage 1, 2 or 3 with bf16/fp16")
+        raise NotImplementedError(
+            "ds_conadv cannot make trust ratios exact for tensor-parallel weights under "
+            "DeepSpeed's FP16_UnfusedOptimizer (bf16/fp16 at ZeRO 0: the optimizer steps "
+            "on unmarked fp32 copies); use ZeRO stage 1, 2 or 3 with bf16/fp16"
+        )
     if wrapper is trust or kind == "fp16_unfused":
         # stage 0: fp32 runs hand our optimizer the real tensors, fp16/bf16 per-tensor fp32 copies
         trust.mark_attached()
