@@ -9,7 +9,9 @@ a ``"conadv"`` or enabled ``"absa"`` section it returns the matching engine (:mo
 Gradient clipping: one clipping, done by DeepSpeed. Our ``max_grad_norm`` and DeepSpeed's
 ``"gradient_clipping"`` are the same knob: give either (both only if equal). DeepSpeed computes the global
 norm over all partitions; our optimizer then runs with ``max_grad_norm=None``. If neither is given,
-DeepSpeed's own default (1.0 in DeepSpeed 0.19) applies, as it would for any optimizer.
+DeepSpeed's own default (1.0 in DeepSpeed 0.19) applies, as it would for any optimizer. Except for a PipelineModule in
+fp32 at ZeRO 0, whose DeepSpeed norm misses the later stages: there our optimizer clips, over all stages.
+ConAdv and ABSA under a PipelineModule are refused.
 """
 from __future__ import annotations
 

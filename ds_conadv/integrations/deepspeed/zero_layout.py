@@ -9,11 +9,17 @@ collective), then the trust ratios are those of the whole tensors. A LAMB/LARS b
 plain ``deepspeed.initialize`` attaches itself at its first step (:func:`auto_attach`, registered with the
 optimizer core through :func:`ds_conadv._registry.register_wrapper_resolver`).
 
+Tensor parallelism (AutoTP, Megatron): the weights flagged ``tensor_model_parallel`` are marked as sharded over the
+engine's tensor-parallel group (:func:`ds_conadv.optim.mark_sharded`) and the layouts carry the markers per norm
+id, so their norms are summed over that group too. Pipeline parallelism: the optimizer's global gradient norm (its
+own ``max_grad_norm``, the inf/NaN check) is summed over the pipeline stages.
+
 Every read of a DeepSpeed private attribute goes through :mod:`.compat`.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
@@ -116,6 +122,18 @@ def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
         _mark_parallel_params(engine_or_optimizer, engine_or_optimizer.module.parameters(), trust)
     elif kind in ("zero12", "bf16", "fp16"):  # found by a LAMB/LARS given to plain deepspeed.initialize
         _mark_parallel_params(wrapper, [p for _, lp, _ in compat.flat_partitions(wrapper) for p in lp], trust)
+    elif kind == "zero3" and any(
+        compat.is_tensor_parallel_param(p) and not is_sharded(p)
+        for g in compat.wrapper_model_params(wrapper)
+        for p in g
+    ):  # ZeRO 3's wrapper knows no tensor-parallel group
+        warnings.warn(
+            "tensor-parallel weights under ZeRO 3 with a LAMB/LARS given to plain deepspeed.initialize: their trust "
+            "ratios are taken per shard; call ds_conadv.integrations.deepspeed.attach(engine) or use "
+            "ds_conadv.initialize",
+            compat.DeepSpeedCompatWarning,
+            stacklevel=2,
+        )
     if kind == "fp16_unfused" and any(is_sharded(p) for g in compat.wrapper_model_params(wrapper) for p in g):
         raise NotImplementedError(
             "ds_conadv cannot make trust ratios exact for tensor-parallel weights under "
