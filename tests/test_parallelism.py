@@ -26,6 +26,21 @@ def _assert_params_close(a, b, what, **tol):
         torch.testing.assert_close(a[name], b[name], **(tol or FP32_TOL), msg=lambda m: f"{what}: {name}: {m}")
 
 
+def test_mark_sharded_records_the_group():
+    from ds_conadv.optim import is_sharded, mark_sharded, unmark_sharded
+    from ds_conadv.optim.sharding import shard_group
+
+    p = torch.nn.Parameter(torch.ones(3))
+    group = object()
+    assert mark_sharded(p, group) is p and is_sharded(p) and shard_group(p) is group
+    unmark_sharded(p)
+    assert not is_sharded(p)
+    with pytest.raises(ValueError, match="not marked as sharded"):
+        shard_group(p)
+    with pytest.raises(TypeError, match="expects a tensor"):
+        mark_sharded([p], group)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # tensor parallelism without DeepSpeed: a Megatron-style column/row split, marked with mark_sharded
 # ----------------------------------------------------------------------------------------------------------

@@ -360,13 +360,14 @@ class TrustRatioOptimizer(Optimizer):
             key = tuple(map(id, members))
         cache = self.__dict__.setdefault("_sharded_norms_cache", {})
         entry = cache.get(key)
-        if entry is not None and (entry[0] is layout if layout is not None else True):
+        generation = _sharding.generation()
+        if entry is not None and entry[0] is layout and entry[2] == generation:
             return entry[1]
         shards = layout.shard_groups if layout is not None else _sharding.groups_of(members)
         norms = None if shards is None or not any(s is not None for s in shards) else _sharding.ShardedNorms(shards)
         if len(cache) >= 16:
             cache.clear()
-        cache[key] = (layout, norms)
+        cache[key] = (layout, norms, generation)
         return norms
 
     @staticmethod

@@ -24,7 +24,7 @@ from torch import Tensor
 __all__ = ["mark_sharded", "unmark_sharded", "shard_group", "is_sharded", "ShardedNorms"]
 
 _ATTR = "_ds_conadv_shard"
-_marked = 0  # how many params were ever marked in this process: 0 keeps the step free of any look-up
+_marked = 0  # marks and unmarks so far in this process: 0 keeps the step free of any look-up
 
 
 class _Shard:
@@ -47,8 +47,15 @@ def mark_sharded(param: Tensor, group: Any = None) -> Tensor:
 
 
 def unmark_sharded(param: Tensor) -> None:
+    global _marked
     if hasattr(param, _ATTR):
         delattr(param, _ATTR)
+        _marked += 1  # a new generation: optimizers rebuild what they cached
+
+
+def generation() -> int:
+    """Changes whenever a param is marked or unmarked (what an optimizer cached is then rebuilt)."""
+    return _marked
 
 
 def is_sharded(param: Tensor) -> bool:

@@ -87,18 +87,21 @@ def _set_layout(
     trust.set_segment_layout(flat, SegmentLayout([fragments], num_ids, hook, shard_groups=groups_of(lp_params)))
 
 
-def _mark_parallel_params(owner: Any, params: Iterable[torch.Tensor], trust: TrustRatioOptimizer) -> None:
+def _mark_parallel_params(
+    owner: Any, params: Iterable[torch.Tensor], trust: TrustRatioOptimizer, whole_step: bool
+) -> None:
     """Tensor parallelism: mark the split weights among ``params`` (AutoTP's / Megatron's marker) as sharded over
     the tensor-parallel group of ``owner`` (engine or wrapper), so their norms are summed over it. Pipeline
-    parallelism: our own ``max_grad_norm`` (a LAMB/LARS given to plain ``deepspeed.initialize`` without DeepSpeed's
-    clipping) and the inf/NaN check sum the gradient norm over the stages."""
+    parallelism, when our step sees every group at once (``whole_step``: no ZeRO wrapper, which steps one group at a
+    time, a different number on each stage): our own ``max_grad_norm`` and the inf/NaN check sum the gradient norm
+    over the stages (one all-reduce per step on every stage)."""
     tp_group = compat.tensor_parallel_group(owner)
     if tp_group is not None:
         for p in params:
             if compat.is_tensor_parallel_param(p):
                 mark_sharded(p, tp_group)
     pipe_group = compat.pipeline_parallel_group(owner)
-    if pipe_group is not None:
+    if pipe_group is not None and whole_step:
         trust.set_global_norm_hook(_all_reduce_hook(pipe_group))
 
 
@@ -119,9 +122,10 @@ def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
         return None
     kind = None if wrapper is trust else compat.wrapper_kind(wrapper)
     if is_engine:
-        _mark_parallel_params(engine_or_optimizer, engine_or_optimizer.module.parameters(), trust)
+        whole_step = kind in (None, "fp16_unfused")
+        _mark_parallel_params(engine_or_optimizer, engine_or_optimizer.module.parameters(), trust, whole_step)
     elif kind in ("zero12", "bf16", "fp16"):  # found by a LAMB/LARS given to plain deepspeed.initialize
-        _mark_parallel_params(wrapper, [p for _, lp, _ in compat.flat_partitions(wrapper) for p in lp], trust)
+        _mark_parallel_params(wrapper, [p for _, lp, _ in compat.flat_partitions(wrapper) for p in lp], trust, False)
     elif kind == "zero3" and any(
         compat.is_tensor_parallel_param(p) and not is_sharded(p)
         for g in compat.wrapper_model_params(wrapper)
