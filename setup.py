@@ -1,4 +1,4 @@
-"""Packaging for ds_conadv.
+"""Packaging for ds_conadv: the parts that need code. The metadata, dependencies and extras are in pyproject.toml.
 
 The top-level ``kernels/`` directory is installed as the subpackage
 ``ds_conadv.kernels`` (never as a bare top-level ``kernels`` module), together
@@ -55,14 +55,6 @@ _package_dir.update(_kdirs)
 _readme = os.path.join(HERE, "README.md")
 _long_description = open(_readme, encoding="utf-8").read() if os.path.exists(_readme) else ""
 
-TRITON = "triton==3.7.1"
-# The DeepSpeed releases the integration supports (ds_conadv/integrations/deepspeed/compat.py SUPPORTED; checked at
-# import, tested in CI with the oldest, scripts/test_deepspeed_oldest.sh, and the pinned newest).
-DEEPSPEED_RANGE = "deepspeed>=0.16.9,<0.20"
-# the test pin (the newest supported); its torch requirement is met by the torch installed first
-DEEPSPEED = "deepspeed==0.19.8"
-# ds_conadv/integrations/horovod/compat.py SUPPORTED
-HOROVOD_RANGE = "horovod>=0.28.1,<0.29"
 KERNEL_SOURCES = ["*.cu", "*.cuh", "*.cpp", "*.h"]
 
 
@@ -88,44 +80,14 @@ def _cuda_extension():
 _ext_modules, _cmdclass = _cuda_extension()
 
 setup(
-    name="ds_conadv",
     version=_version(),
-    description=("Fused LAMB/LARS optimizers and ConAdv concurrent adversarial "
-                 "large-batch training for DeepSpeed and Horovod"),
     long_description=_long_description,
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
     packages=_packages,
     package_dir=_package_dir,
     # CUDA/C++ sources ship with every kernels package (JIT-built at run time).
     package_data={**{name: KERNEL_SOURCES for name in _kpkgs + ["ds_conadv.kernels.cuda"]},
                   "ds_conadv": ["configs/*.json", "py.typed"]},  # the embedded configs; PEP 561 marker
-    install_requires=[
-        "torch>=2.1",
-        "numpy",
-        "pydantic>=2",
-        "tqdm",
-    ],
-    extras_require={
-        "triton": [TRITON],
-        "deepspeed": [DEEPSPEED_RANGE],
-        "test": ["pytest", "pytest-timeout", "scikit-learn", "matplotlib", TRITON, DEEPSPEED,
-                 # the HF Trainer / accelerate / Lightning routes (tests/test_hf.py, tests/test_lightning.py)
-                 "transformers>=5,<6", "accelerate>=1.10,<2", "lightning>=2.5,<3"],
-        # ruff (lint + format) and mypy on the library: scripts/lint.sh (run by scripts/test.sh)
-        "lint": ["ruff==0.17.5", "mypy==2.4.1"],
-        # timm requires torchvision, which is broken beside torch 2.13 here:
-        # install it with `pip install --no-deps timm` (benchmarks load its
-        # optim files directly, without importing the timm package).
-        "bench": ["timm"],
-        # Horovod builds from source against the installed torch: plain `pip install .[horovod]` fails (build
-        # isolation hides torch; the sdist forces C++14, torch 2.13 needs C++17). Use
-        # `bash scripts/install_horovod.sh` (C++17 compiler wrapper, --no-build-isolation, gloo, cached wheel),
-        # or give pip the same flags it uses; see docs/horovod.md.
-        "horovod": [HOROVOD_RANGE],
-    },
-    entry_points={"console_scripts": ["ds-conadv = ds_conadv.cli:console_main"]},
     ext_modules=_ext_modules,
     cmdclass=_cmdclass,
-    zip_safe=False,
 )

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU session for the ConAdv overlap (issue 5): two DeepSpeed ranks share the GPU through gloo
+# One short GPU session for the ConAdv overlap: two DeepSpeed ranks share the GPU through gloo
 # (NCCL refuses two ranks on one device), ZeRO 0 and 2, with and without CUDA MPS, each with the generation
 # started at the reduction (default) and with the backward (conadv_bwd).
 # Expects: repo root as cwd; wheels in .whl/ (DeepSpeed + deps); $OUT.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU session (H100/H200 lent through the device tool): tests the CUDA and Triton kernels for real,
+# One short GPU session on an H100 or H200: tests the CUDA and Triton kernels for real,
 # then benchmarks every optimizer step on ResNet-50 and BERT-large shapes, fp32 and bf16-with-master.
 # Expects: repo root as cwd; optional wheels in .whl/ (DeepSpeed + deps, for deepspeed.FusedLamb); $OUT.
 source "$(dirname "$0")/gpu_env.sh"  # $OUT, carried wheels, PYTHONPATH

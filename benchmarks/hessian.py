@@ -16,7 +16,8 @@ Sections (run one, or ``all``):
     loop (list-of-tensors vector work, ``loss.backward(create_graph=True)``) is timed instead and labelled so.
 ``ranks``
     time per product over a loader of ``--batches`` batches split over 1 and 2 gloo ranks (real processes,
-    one thread each), and the speed-up.
+    one thread each), and the speed-up; as a control, the same two processes each with its half of the batches
+    and no collective (``2 independent``): the speed-up this machine's free cores allow at that moment.
 ``density-example``
     trains a tiny MLP on the digits for a few epochs and writes its SLQ density plot (docs/img).
 
@@ -87,7 +88,13 @@ def cnn() -> nn.Module:
     return DigitsCNN(32, 10)
 
 
-MODELS = {"mlp": mlp, "cnn": cnn}
+def cnn64() -> nn.Module:
+    from ds_conadv.train import DigitsCNN
+
+    return DigitsCNN(64, 10)
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "cnn64": cnn64}
 
 
 def interleaved(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> Dict[str, Dict[str, float]]:
@@ -257,9 +264,10 @@ def _rank_main(args) -> None:
     """One rank of the ``ranks`` section (started by :func:`bench_ranks`)."""
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
+    independent = os.environ.get("DS_CONADV_BENCH_INDEPENDENT") == "1"  # the control: no process group
+    if world > 1 and not independent:
         torch.distributed.init_process_group("gloo")
-    rank = torch.distributed.get_rank() if world > 1 else 0
+    rank = int(os.environ.get("RANK", "0")) if independent else (torch.distributed.get_rank() if world > 1 else 0)
     torch.manual_seed(0)
     model = MODELS[args.model]()
     x, y = digits(64 * args.batches)
@@ -279,21 +287,26 @@ def _rank_main(args) -> None:
 
 
 def bench_ranks(batches: int, products: int, model: str) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"model": model, "batches": batches, "batch": 64}
-    for world in (1, 2):
+    out: Dict[str, Any] = {"model": model, "batches": batches, "batch": 64,
+                           "loadavg_at_start": list(os.getloadavg())}
+    for world, label in ((1, "1 rank(s)"), (2, "2 rank(s)"), (2, "2 independent")):
         port = _free_port()
         procs = []
         for rank in range(world):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                       DS_CONADV_BENCH_INDEPENDENT="1" if label == "2 independent" else "0")
             procs.append(subprocess.Popen([sys.executable, __file__, "_rank", "--model", model, "--batches",
                                            str(batches), "--products", str(products)], env=env,
                                           stdout=subprocess.PIPE, text=True))
         outs = [p.communicate(timeout=900)[0] for p in procs]
         if any(p.returncode for p in procs):
             raise RuntimeError(f"ranks section failed: {outs}")
-        out[f"{world} rank(s)"] = json.loads(outs[0].strip().splitlines()[-1])
+        out[label] = json.loads(outs[0].strip().splitlines()[-1])
     out["speedup_median"] = out["1 rank(s)"]["median_ms"] / out["2 rank(s)"]["median_ms"]
+    out["speedup_min"] = out["1 rank(s)"]["min_ms"] / out["2 rank(s)"]["min_ms"]
+    out["control_speedup_median"] = out["1 rank(s)"]["median_ms"] / out["2 independent"]["median_ms"]
+    out["loadavg_at_end"] = list(os.getloadavg())
     return out
 
 

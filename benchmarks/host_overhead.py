@@ -14,6 +14,11 @@ marked section of that file is written or replaced.
 
     python benchmarks/host_overhead.py --paramset resnet50
     python benchmarks/host_overhead.py --paramset bert-large --markdown docs/benchmarks.md
+
+``--before DIR --rounds N``: N rounds, each one process of the code in DIR (e.g. an earlier commit from
+``git archive``, with ``ds_conadv/kernels`` linked to its ``kernels/``) and one of this checkout, alternating, so
+that the machine's load hits both alike; the JSON (``host_overhead-<paramset>-<dtype>[-zero]-before-after.json``)
+holds every round and the median over rounds of each side's median.
 """
 from __future__ import annotations
 
@@ -131,6 +136,54 @@ def run(args) -> Dict:
     return report
 
 
+def compare(args) -> Dict:
+    """Alternate processes of the code in ``args.before`` and of this checkout (see the module docstring)."""
+    import subprocess
+    import tempfile
+
+    rounds: Dict[str, List[Dict]] = {"before": [], "after": []}
+    load_before = os.getloadavg()
+    argv = ["--paramset", args.paramset, "--dtype", args.dtype, "--scale", str(args.scale), "--optimizers",
+            args.optimizers, "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    if args.zero_layout:
+        argv.append("--zero-layout")
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for side in ("before", "after"):
+                env = dict(os.environ)
+                script = os.path.abspath(__file__)
+                if side == "before":
+                    env["PYTHONPATH"] = os.path.abspath(args.before)
+                    script = os.path.join(os.path.abspath(args.before), "benchmarks", "host_overhead.py")
+                out = os.path.join(tmp, f"{side}.json")
+                subprocess.run([sys.executable, script, "--json", out] + argv, env=env, cwd=tmp, check=True,
+                               capture_output=True, timeout=900)
+                with open(out, encoding="utf-8") as f:
+                    rounds[side].append(json.load(f))
+    summary = {}
+    for side, reports in rounds.items():
+        for name in args.optimizers.split(","):
+            medians = [r["median_us"] for rep in reports for r in rep["results"] if r["name"] == name]
+            p10s = [r["p10_us"] for rep in reports for r in rep["results"] if r["name"] == name]
+            summary[f"{side}/{name}"] = {"median_of_medians_us": statistics.median(medians),
+                                         "min_of_medians_us": min(medians), "median_p10_us": statistics.median(p10s)}
+            print(f"  {side:<6} {name:<5} median of medians {statistics.median(medians):8.1f} us  "
+                  f"min {min(medians):8.1f}  median p10 {statistics.median(p10s):8.1f}", flush=True)
+    report = {"benchmark": "host_overhead-before-after", "paramset": args.paramset, "dtype": args.dtype,
+              "zero_layout": args.zero_layout, "rounds": args.rounds, "steps": args.steps, "before": args.before,
+              "machine_label": args.machine_label, "torch": torch.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "load_avg": {"before": list(load_before), "after": list(os.getloadavg())}, "summary": summary,
+              "per_round": rounds}
+    tag = f"{args.paramset}-{args.dtype}{'-zero' if args.zero_layout else ''}-before-after"
+    out = args.json_out or os.path.join(RESULTS_DIR, f"host_overhead-{tag}.json")
+    if not args.no_json:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(json.dumps(report, indent=2) + "\n")
+        print(f"# wrote {out}")
+    return report
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--paramset", default="resnet50", choices=["resnet50", "bert-large"])
@@ -143,6 +196,8 @@ def parse_args(argv=None):
     p.add_argument("--zero-layout", action="store_true",
                    help="one flat param cut into one segment per tensor (the ZeRO layout)")
     p.add_argument("--machine-label", default="2-core CPU (shared)")
+    p.add_argument("--before", default=None, help="a folder holding the code to compare with (see above)")
+    p.add_argument("--rounds", type=int, default=5, help="with --before: alternating rounds")
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--no-json", action="store_true")
     a = p.parse_args(argv)
@@ -152,7 +207,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    run(parse_args(argv))
+    args = parse_args(argv)
+    if args.before:
+        compare(args)
+    else:
+        run(args)
     return 0
 
 

@@ -154,13 +154,13 @@ class Contender:
     anchor: Optional[str] = None  # the contender its ratio is taken against (None: no ratio)
 
 
-def _ours(kind: str, backend: str) -> Callable:
+def _ours(kind: str, backend: str, skip_nonfinite: bool = True) -> Callable:
     def factory(params):
         try:
             optim = importlib.import_module("ds_conadv.optim")
         except Exception as e:  # noqa: BLE001 - anything that stops the import is a skip
             raise Skip(f"ds_conadv.optim not importable: {type(e).__name__}: {e}") from e
-        kw = {"backend": backend}
+        kw = {"backend": backend, "skip_nonfinite": skip_nonfinite}
         if params[0].dtype in (torch.bfloat16, torch.float16):
             kw["master_weights"] = True  # fp32 master copy (bf16-master)
         if kind == "LAMB":
@@ -293,6 +293,9 @@ def build_contenders(backends: Sequence[str]) -> List[Contender]:
     for b in backends:
         out.append(Contender(f"LAMB[{b}]", _ours("LAMB", b), anchor=a))
         out.append(Contender(f"LARS[{b}]", _ours("LARS", b), anchor=s))
+        # without the inf/NaN check (torch's optimizers make none): LAMB's check is a read of the grads
+        out.append(Contender(f"LAMB[{b},unchecked]", _ours("LAMB", b, skip_nonfinite=False), anchor=a))
+        out.append(Contender(f"LARS[{b},unchecked]", _ours("LARS", b, skip_nonfinite=False), anchor=s))
     out += [
         Contender("AdamW(foreach)", _torch_adamw("foreach"), anchor=a),
         Contender(ADAMW_ANCHOR, _torch_adamw("fused"), anchor=a),
@@ -532,9 +535,10 @@ def _atomic_write(path: str, text: str) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+def parse_args(argv=None, prog=None) -> argparse.Namespace:
+    summary, _, details = __doc__.partition("\n\n")  # the summary once, as the description; the rest below
+    p = argparse.ArgumentParser(prog=prog, description=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=details)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--paramset", choices=sorted(PARAMSETS), default="resnet50")
@@ -684,8 +688,8 @@ def run(args: argparse.Namespace) -> Dict:
     return report
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog=None) -> int:
+    args = parse_args(argv, prog)
     threads_before = torch.get_num_threads()
     try:
         report = run(args)

@@ -235,7 +235,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
     from ds_conadv.app.job_config import check_runnable
     from ds_conadv.app.train import RunOptions, run
 
-    check_runnable(resolved)
+    check_runnable(resolved, args.backend)
     if args.rank_timeout is not None and args.rank_timeout <= 0:
         raise UsageError("--rank-timeout must be > 0 seconds")
     if args.save_every is not None and args.save_every < 1:
@@ -249,16 +249,18 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
         if args.nproc is not None:
             raise UsageError("--backend horovod: start the ranks with horovodrun --gloo -np N -H localhost:N, "
                              "not --nproc")
-        if args.save_every or resume:
-            raise UsageError("--save-every/--resume: only the DeepSpeed backend checkpoints (not --backend horovod)")
+        if resolved.absa_enabled:
+            raise UsageError('--backend horovod runs the ConAdv job; the ABSA job ("absa.enabled") runs under the '
+                             "DeepSpeed backend")
         from ds_conadv.app.horovod_train import train_horovod
+        from ds_conadv.app.run_folder import find_checkpoint
+        from ds_conadv.checkpointing import verify_directory
 
-        hvd_out = resolved.train.out_dir
-        if hvd_out and rank == "0":
-            reliability.prepare_out_dir(hvd_out, overwrite=args.overwrite, resume=False)
-        train_horovod(resolved.raw, progress=not args.no_progress)
-        if hvd_out and rank == "0":
-            reliability.write_status(hvd_out, complete=True)
+        if resume:
+            verify_directory(find_checkpoint(resume))  # refuse a bad checkpoint before Horovod starts
+        train_horovod(resolved.raw, progress=not args.no_progress, resume=resume, save_every=args.save_every or 0,
+                      max_skipped=10 if args.max_skipped is None else args.max_skipped, overwrite=args.overwrite,
+                      config_name=name)
         return 0
     if args.nproc is not None:
         if args.nproc < 1:
@@ -272,7 +274,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
                          "checkpoint folder")
     out_dir = resolved.train.out_dir or default_out_dir(name)
     if resume:
-        from ds_conadv.app.train import find_checkpoint
+        from ds_conadv.app.run_folder import find_checkpoint
         from ds_conadv.checkpointing import verify_directory
 
         verify_directory(find_checkpoint(resume))  # refuse a bad checkpoint before any rank starts
@@ -320,7 +322,7 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     rest = list(args.bench_args)
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    return int(mod.main(rest) or 0)
+    return int(mod.main(rest, prog="ds-conadv bench") or 0)
 
 
 # --------------------------------------------------------------------------- main
@@ -357,8 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--save-every", type=int, metavar="N",
-                   help="checkpoint every N optimizer steps into OUT_DIR/checkpoints/step<N> (sha256 manifest, "
-                        "atomic; the newest is kept)")
+                   help="checkpoint every N optimizer steps (the ABSA job: every N epochs) into "
+                        "OUT_DIR/checkpoints/step<steps> (sha256 manifest, atomic; the newest is kept)")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
                    help="continue from a checkpoint (verified first): DIR = a checkpoint, a checkpoints folder or "
                         "a run's --out-dir; no DIR: --out-dir's newest")
@@ -376,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("hessian", add_help=False,
                    help="Hessian spectrum of a trained model: top eigenvalues, trace, density plot "
                         "(ds-conadv hessian --help)")
+    sub.add_parser("study", add_help=False,
+                   help="the reproduction study: which large-batch remedies pay (ds-conadv study --help)")
     b = sub.add_parser("bench", help="optimizer step-time benchmark (benchmarks/optim_step.py)",
                        add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER,
@@ -393,6 +397,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from ds_conadv.app.hessian_cli import hessian_main
 
         return hessian_main(argv[1:])
+    if argv[:1] == ["study"]:  # its own parser: ds_conadv.study.runner.main
+        from ds_conadv.study.runner import main as study_main
+
+        return study_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -5,7 +5,10 @@ module fails naming it, not some distant ``isinstance``.
 * ``torch.nn.modules.batchnorm._BatchNorm``, ``instancenorm._InstanceNorm``, ``dropout._DropoutNd``: the common
   bases of the BatchNorm / InstanceNorm / Dropout layers (norm layers get no weight decay; ConAdv's dual BN and the
   Hessian's eval-mode switch find them by these);
-* ``LRScheduler``'s ``step`` patch (``_wrapped_by_lr_sched``, ``_opt_called``): :func:`repoint_scheduler`.
+* ``LRScheduler``'s ``step`` patch (``_wrapped_by_lr_sched``, ``_opt_called``): :func:`repoint_scheduler`;
+* the ``torch.optim`` namespace, where :func:`register_optimizer` puts our classes under names of their own
+  (``"ds_conadv.LAMB"``): DeepSpeed builds an ``"optimizer"`` type it does not know as ``getattr(torch.optim,
+  type)``, so a plain ``deepspeed.initialize`` (and transformers/accelerate through it) builds ours from the JSON.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as BatchNormBase
 from torch.nn.modules.dropout import _DropoutNd as DropoutBase
 from torch.nn.modules.instancenorm import _InstanceNorm as InstanceNormBase
 
-__all__ = ["BatchNormBase", "InstanceNormBase", "DropoutBase", "repoint_scheduler"]
+__all__ = ["BatchNormBase", "InstanceNormBase", "DropoutBase", "repoint_scheduler", "register_optimizer"]
 
 
 def repoint_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
@@ -43,3 +46,14 @@ def repoint_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
 
     wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
     optimizer.step = wrapper  # type: ignore[method-assign]
+
+
+def register_optimizer(name: str, cls: type) -> None:
+    """Make ``getattr(torch.optim, name)`` return ``cls`` (idempotent). A name torch already uses for something
+    else is refused: registering must never shadow a torch optimizer."""
+    present = getattr(torch.optim, name, None)
+    if present is cls:
+        return
+    if present is not None:
+        raise RuntimeError(f"torch.optim already has {name!r} ({present!r}); ds_conadv does not replace it")
+    setattr(torch.optim, name, cls)

@@ -1,12 +1,14 @@
 """JIT builds of the C++/CUDA kernels with ``torch.utils.cpp_extension`` + ninja, cached on disk.
 
 The build directory is ``$DS_CONADV_EXT_DIR`` or ``~/.cache/ds_conadv/extensions/<torch version>``; a build
-happens once per source/flag change (cpp_extension hashes both) and later imports just load the library.
+happens once per source/flag change (cpp_extension hashes both) and later imports just load the library. A build
+says so in one line on stderr (the first step would otherwise seem to hang for a minute).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 from typing import List, Optional, Sequence
 
@@ -48,8 +50,10 @@ def _digest(paths: Sequence[str], flags: Sequence[str]) -> str:
 
 
 def load_extension(name: str, sources: List[str], extra_cflags: Optional[List[str]] = None,
-                   extra_cuda_cflags: Optional[List[str]] = None, verbose: bool = False):
-    """Build (once) and import an extension from sources relative to ``kernels/``."""
+                   extra_cuda_cflags: Optional[List[str]] = None, verbose: bool = False,
+                   label: str = "the kernels"):
+    """Build (once) and import an extension from sources relative to ``kernels/``; ``label`` names it in the
+    one-line notice printed before a build."""
     from torch.utils.cpp_extension import load
 
     paths = [s if os.path.isabs(s) else os.path.join(HERE, s) for s in sources]
@@ -58,6 +62,9 @@ def load_extension(name: str, sources: List[str], extra_cflags: Optional[List[st
     full = f"{name}_{_digest(paths, flags)}"
     with _lock:
         if full not in _loaded:
+            if not os.path.isfile(os.path.join(_root(), full, full + ".so")):
+                print(f"ds_conadv: building {label} (first use, about a minute; cached in {build_dir(full)})",
+                      file=sys.stderr, flush=True)
             _loaded[full] = load(name=full, sources=paths, extra_cflags=extra_cflags or [],
                                  extra_cuda_cflags=extra_cuda_cflags or [], build_directory=build_dir(full),
                                  verbose=verbose or bool(os.environ.get("DS_CONADV_VERBOSE_BUILD")))

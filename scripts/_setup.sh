@@ -6,7 +6,7 @@
 #  3. pip install -e ".[test,lint]" (triton pinned 3.7.1; ruff and mypy for scripts/lint.sh) and timm without its deps (timm requires
 #     torchvision, which is broken beside this torch; benchmarks load timm's optim files directly).
 #
-# Steps 2-3 are skipped when the stamp in .venv/ matches a hash of setup.py and this file, so re-runs
+# Steps 2-3 are skipped when the stamp in .venv/ matches a hash of setup.py, pyproject.toml and this file, so re-runs
 # are fast. DS_CONADV_FORCE_SETUP=1 redoes them.
 #
 #  4. optional, outside the stamp: Horovod, when DS_CONADV_WITH_HOROVOD=1 or CI=true, through
@@ -29,7 +29,7 @@ if [ ! -x "$VPY" ]; then
 fi
 
 _want_stamp() {
-    cat "$ROOT/setup.py" "$ROOT/scripts/_setup.sh" | "$VPY" -c \
+    cat "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/scripts/_setup.sh" | "$VPY" -c \
         'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest(), sys.version.split()[0])'
 }
 WANT="$(_want_stamp)"

@@ -13,6 +13,7 @@ FORMATTED=(
     ds_conadv/_registry.py
     ds_conadv/config/builders.py
     ds_conadv/integrations/deepspeed/compat.py
+    ds_conadv/integrations/deepspeed/monitor.py
     ds_conadv/integrations/deepspeed/zero_layout.py
     ds_conadv/integrations/horovod/compat.py
     ds_conadv/torch_compat.py

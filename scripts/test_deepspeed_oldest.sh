@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The DeepSpeed integration tests against the OLDEST DeepSpeed release ds_conadv declares supported
-# (ds_conadv/integrations/deepspeed/compat.py MIN_VERSION = setup.py's "deepspeed" extra), so that the range is
+# (ds_conadv/integrations/deepspeed/compat.py MIN_VERSION = pyproject.toml's "deepspeed" extra), so that the range is
 # tested, not claimed. The newest (the pinned test version) runs in scripts/test.sh.
 #
 # DeepSpeed goes into .ds-oldest/ (pip --target, no dependencies: the venv's, installed for the newest, serve;

@@ -79,3 +79,43 @@ def deepspeed_launcher(script: str, args: List[str], nproc: int = 2, timeout: fl
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher), f"--num_gpus={nproc}", f"--master_port={free_port()}", str(WORKERS / script), *args]
     return _run(cmd, base_env(), timeout)
+
+
+def _run_nodes(cmds: List[List[str]], env: dict, timeout: float, what: str) -> List[str]:
+    """Start one launcher process per simulated node, all at once; a hard timeout kills every one of them."""
+    procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for cmd in cmds]
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            outputs.append(out)
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            os.killpg(proc.pid, 9)  # the launcher and the ranks it started
+        raise AssertionError(f"{what} timed out after {timeout}s") from None
+    for node, (proc, out) in enumerate(zip(procs, outputs)):
+        if proc.returncode != 0:
+            raise AssertionError(f"node {node} of {what} exited {proc.returncode}:\n{out[-8000:]}")
+    return outputs
+
+
+def torchrun_nodes(script: str, args: List[str], nnodes: int = 2, nproc: int = 1, timeout: float = 300) -> List[str]:
+    """A multi-node torchrun launch simulated on this machine: one ``torchrun --nnodes N --node_rank i`` per node,
+    all meeting at 127.0.0.1 (static rendezvous, as on a cluster with MASTER_ADDR set)."""
+    port = free_port()
+    cmds = [[sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node}",
+             f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",
+             str(WORKERS / script), *args] for node in range(nnodes)]
+    return _run_nodes(cmds, base_env(), timeout, f"torchrun --nnodes {nnodes} {script}")
+
+
+def deepspeed_launcher_nodes(script: str, args: List[str], hostfile: Path, nnodes: int = 2,
+                             timeout: float = 300) -> List[str]:
+    """A multi-node launch with DeepSpeed's launcher and a hostfile, simulated on this machine: without ssh
+    (``--no_ssh``), the launcher runs once per node with its ``--node_rank`` (what a cluster scheduler does)."""
+    launcher = Path(sys.executable).with_name("deepspeed")
+    port = free_port()
+    cmds = [[str(launcher), f"--hostfile={hostfile}", "--no_ssh", f"--node_rank={node}", "--master_addr=127.0.0.1",
+             f"--master_port={port}", str(WORKERS / script), *args] for node in range(nnodes)]
+    return _run_nodes(cmds, base_env(), timeout, f"deepspeed --hostfile --no_ssh {script}")

@@ -117,7 +117,8 @@ def test_cli_bench_forwards_arguments(capsys):
     from ds_conadv import cli
 
     assert cli.main(["bench", "--list", "--backends", "foreach", "--only", "LAMB[*],AdamW(*)"]) == 0
-    assert capsys.readouterr().out.split() == ["LAMB[foreach]", "AdamW(foreach)", "AdamW(fused)"]
+    assert capsys.readouterr().out.split() == ["LAMB[foreach]", "LAMB[foreach,unchecked]", "AdamW(foreach)",
+                                               "AdamW(fused)"]
 
 
 def test_conadv_overlap_benchmarks_run_at_tiny_size(tmp_path):
@@ -173,3 +174,14 @@ def test_host_overhead_benchmark_runs_with_noop_kernels(tmp_path):
     finally:
         backends._cache.clear()
         backends._cache.update(saved)
+
+
+def test_bench_help_shows_the_subcommand_and_the_summary_once(capsys):
+    from ds_conadv.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ds-conadv bench ")
+    assert out.count("Optimizer step-time benchmark") == 1

@@ -1,6 +1,7 @@
 """``ds-conadv train``, the main job: real runs through DeepSpeed (one rank in-process, two ranks with --nproc),
 the shipped configs, and config errors that name the key."""
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -81,10 +82,20 @@ def test_vanilla_with_poly_schedule_in_process(tmp_path):
     sched = {"type": "WarmupPolyDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 2.0,
                                                       "warmup_num_steps": 2, "total_num_steps": 6,
                                                       "warmup_type": "linear", "power": 2.0}}
+    tensorboard = importlib.util.find_spec("tensorboard") is not None  # DeepSpeed's monitor needs it
+    monitor = ["--set", 'tensorboard={"enabled": true, "job_name": "tb"}'] if tensorboard else []
     assert cli.main(["train", "--mode", "vanilla", "--max-steps", "6", "--zero-stage", "0", "--out-dir", str(out),
-                     "--no-progress", "--set", "scheduler=" + json.dumps(sched)]) == 0
+                     "--no-progress", "--set", "scheduler=" + json.dumps(sched), *monitor]) == 0
     rows = _rows(out / "metrics.csv")
     assert all(math.isnan(_num(r["adv_acc"])) and r["stale_by"] == "" for r in rows)   # no adversarial examples
+    if tensorboard:  # a "tensorboard" section without "output_path" writes into the run's folder
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+        events.Reload()
+        loss = events.Scalars("Train/Samples/train_loss")
+        assert [e.step for e in loss] == [256 * int(r["step"]) for r in rows]      # samples trained so far
+        assert [e.value for e in loss] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-5)  # csv: 6 digits
 
     def expected(it):  # DeepSpeed's iteration count: the lr of step k (1-based, k >= 2) is f(k - 2)
         if it < 2:
@@ -316,3 +327,19 @@ def test_embedded_config_by_name(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no file of that name here: the packaged one is taken
     assert cli.main(["train", "--config", "absa_digits.json", "--print-config"]) == 0
     assert '"absa"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("absent, backend, named", [("matplotlib", "deepspeed", "matplotlib"),
+                                                     ("sklearn", "horovod", "scikit-learn"),
+                                                     ("deepspeed", "deepspeed", "deepspeed")])
+def test_missing_train_extra_fails_before_training(monkeypatch, absent, backend, named):
+    """Without the train extra the job stops before any rank starts, naming the package and the extra."""
+    import importlib.util
+
+    from ds_conadv.app.job_config import check_runnable
+
+    resolved, _, _ = cli.resolve_train_args(cli.build_parser().parse_args(["train"]))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == absent else real(name, *a))
+    with pytest.raises(ConfigError, match=rf"needs {named}, not installed here: pip install 'ds_conadv\[train\]'"):
+        check_runnable(resolved, backend)

@@ -20,10 +20,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_declared_range_matches_the_package_metadata():
-    with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as f:
-        setup = f.read()
-    assert f'"deepspeed{compat.SUPPORTED}"' in setup
-    assert f'"horovod{hvd_compat.SUPPORTED}"' in setup
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert extras["deepspeed"] == [f"deepspeed{compat.SUPPORTED}"]
+    assert f"deepspeed{compat.SUPPORTED}" in extras["train"]
+    assert extras["horovod"] == [f"horovod{hvd_compat.SUPPORTED}"]
 
 
 def test_installed_deepspeed_is_in_range():

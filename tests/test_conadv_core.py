@@ -391,6 +391,21 @@ def test_dual_bn_gradients_come_from_own_branch():
     assert all(m.adv.weight.grad is None for m in model.modules() if isinstance(m, DualBatchNorm))
 
 
+def test_mean_loss_reduction_divides_the_summed_loss():
+    (x, y), = data(1)
+    grads = {}
+    for reduction in ("sum", "mean"):
+        cfg = conf(adv_weight=0.5, loss_reduction=reduction)
+        model = prepare_model(cnn(), cfg)
+        x_adv = generate(model, x, y, cfg, generator=torch.Generator().manual_seed(3))
+        out = ConAdvTrainer(model, sgd(model), cfg=cfg).forward_backward(x, y, x_adv)
+        grads[reduction] = [p.grad.clone() for p in model.parameters()]
+        expected = out["clean_loss"] + 0.5 * out["adv_loss"]
+        torch.testing.assert_close(out["loss"], expected / 1.5 if reduction == "mean" else expected)
+    for s, m in zip(grads["sum"], grads["mean"]):
+        torch.testing.assert_close(m, s / 1.5, rtol=1e-5, atol=1e-7)
+
+
 def test_dual_bn_state_dict_keys_and_plain_checkpoint():
     plain = cnn(seed=5)
     with torch.no_grad():

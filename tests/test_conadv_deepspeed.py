@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
 
-from dist_harness import spawn  # noqa: E402
+from dist_harness import spawn, torchrun_nodes  # noqa: E402
 
 
 def run(tmp_path, tag, *args):
@@ -65,6 +65,20 @@ def test_generation_starts_when_the_reduction_begins(tmp_path, start):
             assert gen >= epi
         else:
             assert gen < epi - 0.2
+
+
+def test_two_nodes_on_localhost_equal_one_node(tmp_path):
+    """The ConAdv engine launched as on two nodes (torchrun --nnodes 2 --node_rank 0/1, one rank each, static
+    rendezvous at 127.0.0.1): every global rank writes its own file, and params and BN statistics equal the 2-rank
+    single-node run bit for bit."""
+    one_node = run(tmp_path, "one_node", "--stage", "2")
+    prefix = str(tmp_path / "two_nodes")
+    torchrun_nodes("conadv_train.py", ["--stage", "2", "--out", prefix], nnodes=2, nproc=1, timeout=300)
+    for rank in range(2):
+        result = json.load(open(f"{prefix}.rank{rank}"))
+        assert result["rank"] == rank and result["overlap"] is True
+        reference = one_node if rank == 0 else json.load(open(str(tmp_path / "one_node") + ".rank1"))
+        assert_same(tensors(result), tensors(reference), f"two nodes, rank {rank}", rtol=0, atol=0)
 
 
 def test_vanilla_is_plain_deepspeed(tmp_path):

@@ -281,3 +281,25 @@ def test_optimizer_segment_layout(target, chunk, cls):
 def test_optimizer_skip_is_bit_identical(target, chunk, cls):
     """A non-finite grad norm, then a GradScaler-style found_inf: skipped, bitwise."""
     check_optimizer_skip_is_bit_identical(target, cls, _opt_sizes(chunk))
+
+
+def test_a_build_says_so_once_on_stderr(tmp_path, monkeypatch, capsys):
+    """The first use compiles for about a minute: one line on stderr says so and where the build is cached; a
+    later load of the cached build prints nothing."""
+    import torch.utils.cpp_extension
+
+    from ds_conadv.kernels import _build
+
+    def fake_load(name, build_directory, **kwargs):
+        open(f"{build_directory}/{name}.so", "w").close()  # what a real build leaves behind
+        return object()
+
+    monkeypatch.setenv("DS_CONADV_EXT_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    monkeypatch.setattr(_build, "_loaded", {})
+    _build.load_extension("dsc_fake", ["cpu/trust_ops.cpp"], label="the C++ CPU kernels")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "building the C++ CPU kernels (first use" in err and str(tmp_path) in err
+    monkeypatch.setattr(_build, "_loaded", {})  # a new process: the build is on disk
+    _build.load_extension("dsc_fake", ["cpu/trust_ops.cpp"], label="the C++ CPU kernels")
+    assert capsys.readouterr().err == ""

@@ -1,4 +1,5 @@
-"""DeepSpeed integration, with real ranks: exact LAMB/LARS at ZeRO 0/1/2, launchers, checkpoints, config."""
+"""DeepSpeed integration, with real ranks: exact LAMB/LARS at ZeRO 0/1/2/3 (also with ZeRO-Offload), launchers (one
+node and two simulated nodes), checkpoints, config."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,13 @@ import torch
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
 
-from dist_harness import deepspeed_launcher, spawn, torchrun  # noqa: E402
+from dist_harness import (  # noqa: E402
+    deepspeed_launcher,
+    deepspeed_launcher_nodes,
+    spawn,
+    torchrun,
+    torchrun_nodes,
+)
 from workers.ds_problem import batch, make_model, optimizer_params  # noqa: E402
 
 from ds_conadv.config import ConfigError  # noqa: E402
@@ -84,6 +91,100 @@ def test_plain_deepspeed_initialize_attaches_itself(tmp_path):
     result = run(tmp_path, "plain", "--stage", "2", "--optimizer", "lamb", "--plain")
     assert result["attached"]
     _assert_params_close(_params(result), expected, "LAMB passed to deepspeed.initialize")
+
+
+def test_json_type_builds_ours_under_plain_deepspeed_initialize(tmp_path):
+    """``"optimizer": {"type": "ds_conadv.LAMB"}`` with plain ``deepspeed.initialize``: DeepSpeed builds our class
+    itself (through ``torch.optim``), and at ZeRO 1-3 it attaches at its first step: the params equal our
+    optimizer without DeepSpeed. Fails if DeepSpeed built anything else, or if the trust ratios were per slice."""
+    expected = single_process("lamb")
+    prefix = str(tmp_path / "json_route")
+    spawn("ds_json_route.py", ["--out", prefix, "--optimizer", "lamb", "--stages", "0,1,2,3"], timeout=420)
+    ranks = _load(prefix)
+    for stage, result in ranks[0]["runs"].items():
+        assert result["basic"] == "ds_conadv.optim.lamb.LAMB" and result["trust_is_basic"], result["basic"]
+        assert result["attached"] or stage == "0"
+        _assert_params_close(_params(result), expected, f"ds_conadv.LAMB from the JSON, ZeRO-{stage}")
+        _assert_params_close(_params(ranks[1]["runs"][stage]), _params(result), "ranks", rtol=0, atol=0)
+    assert [ranks[0]["runs"][s]["wrapper"] for s in "0123"] == [
+        "LAMB", "DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3"]
+
+
+@pytest.mark.parametrize("name,stages", [("lamb", (1, 2, 3)), ("lars", (3,))])
+def test_zero_offload_steps_on_our_cpu_kernels_exactly(tmp_path, name, stages):
+    """ZeRO-Offload ("offload_optimizer": {"device": "cpu"}) through ds_conadv.initialize, which turns DeepSpeed's
+    CPU-optimizer check off for our optimizer: the offloaded fp32 partition is stepped by the fused C++ kernels
+    (backend "auto") and the trust ratios are those of whole tensors, so the run equals ZeRO 0 without offload.
+    ZeRO 3 runs with sub-groups of 64 elements: several optimizer calls per step (DeepSpeed cuts sub-groups at
+    parameter boundaries). Without the segment layouts (naive per-slice trust ratios) it differs."""
+    reference = _params(run(tmp_path, f"{name}_zero0", "--stage", "0", "--optimizer", name))
+    for stage in stages:
+        extra = ("--sub-group-size", "64") if stage == 3 else ()
+        result = run(tmp_path, f"{name}_offload{stage}", "--stage", str(stage), "--optimizer", name, "--offload",
+                     "--backend", "auto", *extra)
+        assert result["attached"] and result["force_ds_cpu_optimizer"] is False
+        assert result["kernels"] == [["cpp", "cpu"]], result["kernels"]
+        _assert_params_close(_params(result), reference, f"{name} ZeRO-{stage} offload vs ZeRO-0")
+    if name == "lars":
+        naive = run(tmp_path, "lars_offload_naive", "--stage", "2", "--optimizer", name, "--offload", "--backend",
+                    "auto", "--detach")
+        with pytest.raises(AssertionError):
+            _assert_params_close(_params(naive), reference, "naive offload")
+
+
+def test_plain_deepspeed_initialize_with_offload(tmp_path):
+    """The plain-DeepSpeed route: the user's LAMB, "zero_force_ds_cpu_optimizer": false in the config (DeepSpeed
+    refuses it otherwise), attached at its first step, C++ kernels on the offloaded partition."""
+    result = run(tmp_path, "plain_offload", "--stage", "2", "--optimizer", "lamb", "--plain", "--offload",
+                 "--backend", "auto")
+    assert result["attached"] and result["kernels"] == [["cpp", "cpu"]]
+    _assert_params_close(_params(result), single_process("lamb"), "LAMB with offload via deepspeed.initialize")
+
+
+OFFLOAD = {"train_batch_size": 16, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+           "optimizer": {"type": "LAMB", "params": {"lr": 0.01}}}
+
+
+def test_offload_config_turns_deepspeeds_cpu_optimizer_check_off():
+    from ds_conadv.integrations.deepspeed import validate_config
+
+    assert validate_config(OFFLOAD)["zero_force_ds_cpu_optimizer"] is False
+    assert "zero_force_ds_cpu_optimizer" not in validate_config({**OFFLOAD, "zero_optimization": {"stage": 2}})
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"optimizer": {"type": "LAMB", "params": {"backend": "triton"}}},
+     "\"optimizer.params.backend\" = 'triton' cannot step ZeRO-Offload's partition"),
+    ({"zero_force_ds_cpu_optimizer": True}, '"zero_force_ds_cpu_optimizer": true refuses'),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}},
+     '"nvme" with LAMB/LARS is not supported'),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.5}}},
+     '"zero_optimization.offload_optimizer.ratio" = 0.5 with LAMB/LARS is not supported'),
+])
+def test_offload_config_errors_name_the_key(change, match):
+    from ds_conadv.integrations.deepspeed import validate_config
+
+    with pytest.raises(ConfigError, match=match):
+        validate_config({**OFFLOAD, **change})
+
+
+def test_two_nodes_on_localhost_equal_one_node(tmp_path):
+    """Two "nodes" of one rank each on this machine, launched as on a cluster: by torchrun (--nnodes 2, static
+    rendezvous at MASTER_ADDR) and by DeepSpeed's launcher with a hostfile (--no_ssh, one launcher per node with
+    its --node_rank). Every global rank writes its own file; both runs equal the 2-rank single-node run bit for
+    bit (LAMB, ZeRO 2)."""
+    args = ["--stage", "2", "--optimizer", "lamb"]
+    one_node = _params(run(tmp_path, "one_node", *args))
+    prefix = str(tmp_path / "torchrun_nodes")
+    torchrun_nodes("ds_train.py", [*args, "--out", prefix], nnodes=2, nproc=1, timeout=300)
+    for rank in _load(prefix):
+        _assert_params_close(_params(rank), one_node, f"torchrun --nnodes 2, rank {rank['rank']}", rtol=0, atol=0)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    prefix = str(tmp_path / "launcher_nodes")
+    deepspeed_launcher_nodes("ds_train.py", [*args, "--out", prefix], hostfile, nnodes=2, timeout=300)
+    for rank in _load(prefix):
+        _assert_params_close(_params(rank), one_node, f"deepspeed --hostfile, rank {rank['rank']}", rtol=0, atol=0)
 
 
 def test_bf16_stages_agree(tmp_path):

@@ -119,3 +119,38 @@ def test_timm_lars_trust_coeff_alias_matches():
     ours = _run(create_optimizer("lars", model.parameters(), trust_coeff=0.02, **kwargs), model, scales=(1.0, 1.0, 1.0))
     for a, b in zip(reference, ours):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_registered_in_torch_optim_for_deepspeed_configs():
+    """``import ds_conadv`` puts LAMB/LARS into torch.optim under names DeepSpeed does not own, so a DeepSpeed
+    config's ``"type": "ds_conadv.LAMB"`` builds ours; ``ds_conadv.initialize`` reads the same names as ours."""
+    import ds_conadv  # noqa: F401
+    from ds_conadv.config import optimizer_class
+    from ds_conadv.config.builders import optimizer_spec
+    from ds_conadv.torch_compat import register_optimizer
+
+    assert getattr(torch.optim, "ds_conadv.LAMB") is LAMB and getattr(torch.optim, "ds_conadv.LARS") is LARS
+    assert optimizer_class("DS_CONADV.lars") is LARS
+    spec = optimizer_spec({"type": "ds_conadv.LAMB", "params": {"lr": 0.01}}, allow_torch=True)
+    assert spec.cls is LAMB and spec.ours
+    register_optimizer("ds_conadv.LAMB", LAMB)  # idempotent
+    with pytest.raises(RuntimeError, match="torch.optim already has 'AdamW'"):
+        register_optimizer("AdamW", LAMB)
+
+
+def test_exclude_norm_and_bias_outside_initialize_says_what_to_do():
+    """DeepSpeed passes a config's params to the class as keywords; the grouping key needs the model."""
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    LAMB(p, exclude_norm_and_bias=False)
+    with pytest.raises(ValueError, match=r"model_parameters=param_groups\(model, weight_decay\)"):
+        LAMB(p, exclude_norm_and_bias=True)
+
+
+def test_initialize_shows_its_signature():
+    import inspect
+
+    import ds_conadv
+
+    params = inspect.signature(ds_conadv.initialize).parameters
+    assert list(params)[:4] == ["args", "model", "optimizer", "model_parameters"]
+    assert "config" in params and params["kwargs"].kind is inspect.Parameter.VAR_KEYWORD

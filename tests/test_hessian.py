@@ -144,7 +144,7 @@ def test_mlp_top3_vs_eigvalsh():
     top = exact[exact.abs().argsort(descending=True)][:3].tolist()
     model.train()
     h = Hessian(model, F.cross_entropy, data=(x, y))
-    power, _ = h.eigenvalues(top_n=3, maxIter=1000, tol=1e-9)
+    power, _ = h.eigenvalues(top_n=3, maxIter=1000, tol=1e-9, method="power")
     lanczos, _ = h.eigenvalues(top_n=3, maxIter=60, tol=1e-6, method="lanczos")
     for got in (power, lanczos):
         for g, e in zip(got, top):
@@ -355,3 +355,13 @@ def test_horovod_two_ranks(tmp_path):
     assert r0["comm"][:2] == ["horovod", 2] and r0["dist"] == r1["dist"]
     for key in ("hvp", "power", "lanczos", "trace"):
         _close(r0["dist"][key], r0["single"][key], 1e-5, 1e-6, key)
+
+
+def test_default_method_is_lanczos_for_top_k_and_power_for_top_1():
+    h = quad_hessian(dtype=torch.float64)
+    values, _ = h.eigenvalues(top_n=3, tol=1e-6)
+    assert h.last_info["method"] == "lanczos"
+    for v, lam in zip(values, LAM[:3]):
+        assert rel(v, lam) < 1e-3
+    (top,), _ = h.eigenvalues(tol=1e-8, maxIter=500)
+    assert h.last_info["method"] == "power" and rel(top, LAM[0]) < 1e-3

@@ -275,3 +275,14 @@ def test_conadv_trainer_dual_bn_vision(tmp_path):
     held = {id(p) for group in find_trust_optimizer(trainer.optimizer).param_groups for p in group["params"]}
     assert all(id(p) in held for p in adv_bn.parameters())  # converted before Trainer built the optimizer
     assert not torch.equal(adv_bn.running_mean, before)  # the adversarial branch trained through its own BN
+
+
+def test_guard_accepts_our_registered_type_and_refuses_deepspeeds_lamb():
+    """A DeepSpeed config's "ds_conadv.LAMB" is built by DeepSpeed as ours (tests/test_deepspeed.py runs it at ZeRO
+    0-3); "LAMB" is DeepSpeed's FusedLamb."""
+    from ds_conadv.integrations.hf import check_deepspeed_config
+
+    check_deepspeed_config({"optimizer": {"type": "ds_conadv.LAMB", "params": {"lr": 0.01}}})
+    check_deepspeed_config({"optimizer": {"type": "ds_conadv.LARS"}})
+    with pytest.raises(OptimizerSwapError, match="FusedLamb"):
+        check_deepspeed_config({"optimizer": {"type": "LAMB"}})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from functools import lru_cache
@@ -201,33 +202,188 @@ def test_tau1_staleness_and_resume(tmp_path):
         assert all(c["equal_prev"] and not c["equal_current"] for c in r_res["checks"])  # w_{t-1} restored exactly
 
 
-def test_main_job_under_horovodrun(tmp_path):
-    """train_horovod on the main job's DeepSpeed-style JSON (LARS, ConAdv, DeepSpeed's WarmupDecayLR with
-    "auto" steps; here with 2 accumulation steps and a narrow CNN), then a resume from its checkpoint."""
-    src = ROOT / "configs" / "conadv_digits.json"
-    config = json.loads(src.read_text()) if src.exists() else {
-        "train_batch_size": 256, "gradient_clipping": 0.0, "zero_optimization": {"stage": 1},
-        "optimizer": {"type": "LARS", "params": {"lr": 4.0, "weight_decay": 5e-5, "trust_coefficient": 0.01,
-                                                 "exclude_norm_and_bias": True, "backend": "foreach"}},
-        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 4.0, "warmup_num_steps": 20,
-                                                          "warmup_type": "linear", "total_num_steps": "auto"}},
-        "conadv": {"enabled": True, "tau": 1, "attack": "fgsm", "epsilon": 2.0, "input_range": [0.0, 16.0]},
-        "train": {"data": "digits", "model": "cnn", "epochs": 30, "seed": 0}}
-    config["train_micro_batch_size_per_gpu"] = 64  # 256 = 64 x 2 accumulation steps x 2 ranks
+# ----------------------------------------------------------------------------------------------------------
+# the main job: ds-conadv train --backend horovod (and the module path): run folder, resume, non-finite steps
+# ----------------------------------------------------------------------------------------------------------
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+COMPARED = ("lr", "loss", "clean_loss", "adv_loss", "clean_acc", "adv_acc", "stale_by", "generated_now", "skipped",
+            "skipped_total")
+
+
+def job_config(tmp_path) -> Path:
+    """The main job's config (LARS, ConAdv tau=1, WarmupDecayLR with "auto" steps), narrow CNN, one thread per
+    rank, 2 accumulated micro-batches per step: 256 = 64 x 2 x 2 ranks."""
+    config = json.loads((ROOT / "configs" / "conadv_digits.json").read_text())
+    config["train_micro_batch_size_per_gpu"] = 64
     config["gradient_clipping"] = 1.0
-    config["train"].update(width=8, threads=1, eval_every=1)
+    config["train"].update(width=8, threads=1)
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(config))
-    out = tmp_path / "m.json"
-    args = ["-m", "ds_conadv.integrations.horovod_train", "--config", str(path), "--metrics-json", str(out)]
-    log = horovodrun(args + ["--save-dir", str(tmp_path / "ck"), "--max-steps", "3"])
-    m = json.loads(out.read_text())
-    assert m["ranks"] == 2 and m["steps"] == 3 and m["gradient_accumulation_steps"] == 2
-    assert m["train_batch_size"] == 256 and m["conadv"] == "conadv(tau=1)" and math.isfinite(m["final_loss"])
-    assert "test accuracy" in log
-    horovodrun(args + ["--resume", str(tmp_path / "ck"), "--max-steps", "5", "--no-progress"])
-    m2 = json.loads(out.read_text())
-    assert m2["steps"] == 5 and math.isfinite(m2["final_loss"])
+    return path
+
+
+def hvd_job(*args, np=2, timeout=TIMEOUT) -> subprocess.CompletedProcess:
+    """``horovodrun ... python ARGS`` that may fail (the caller checks the exit status)."""
+    need_horovod()
+    cmd = [str(HOROVODRUN), "--gloo", "-np", str(np), "-H", f"localhost:{np}", sys.executable, *map(str, args)]
+    try:
+        return subprocess.run(cmd, env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}") from None
+
+
+def rank_error_lines(proc, rank) -> list:
+    return [ln for ln in (proc.stdout + proc.stderr).splitlines()
+            if ln.startswith(f"[{rank}]<stderr>:ds-conadv: error:")]
+
+
+def csv_rows(path):
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def hvd_runs(tmp_path_factory):
+    """4 steps at once through the module path; 2 steps with a checkpoint through ``ds-conadv train --backend
+    horovod``, then resumed to 4 in the same folder."""
+    need_horovod()
+    base = tmp_path_factory.mktemp("hvd_job")
+    cfg = job_config(base)
+    whole, split = base / "whole", base / "split"
+    proc = hvd_job("-m", "ds_conadv.integrations.horovod_train", "--config", cfg, "--max-steps", "4", "--out-dir",
+                   whole, "--metrics-json", base / "m.json", "--no-progress")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    cli = ["-m", "ds_conadv.cli", "train", "--backend", "horovod", "--config", cfg, "--out-dir", split, "--no-progress"]
+    proc = hvd_job(*cli, "--max-steps", "2", "--save-every", "2")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    shutil.copytree(split / "checkpoints" / "step2", base / "step2")  # a pristine copy for the fault tests
+    proc = hvd_job(*cli, "--max-steps", "4", "--save-every", "2", "--resume")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "resumed from" in proc.stdout
+    return whole, split, base / "step2", cfg
+
+
+def test_horovod_job_writes_the_run_folder(hvd_runs):
+    """The same run folder as under DeepSpeed: metrics.csv (same columns), metrics.json, curves.png, status.json."""
+    from ds_conadv.app.run_folder import CSV_FIELDS
+
+    whole = hvd_runs[0]
+    rows = csv_rows(whole / "metrics.csv")
+    assert tuple(rows[0].keys()) == CSV_FIELDS and [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    assert all(r["skipped"] == "0" and r["skipped_total"] == "0" for r in rows)
+    assert rows[-1]["test_clean_acc"] != "" and [r["stale_by"] for r in rows] == ["0", "1", "1", "1"]
+    summary = json.loads((whole / "metrics.json").read_text())
+    for key in ("final_test_clean_acc", "final_test_adv_acc", "final_test_pgd_acc", "mean_step_time_s",
+                "median_step_time_s"):
+        assert math.isfinite(summary[key]), key
+    assert summary["backend"] == "horovod" and summary["world_size"] == 2 and summary["steps"] == 4
+    assert summary["gradient_accumulation_steps"] == 2 and summary["skipped_steps"] == 0
+    assert len(summary["ranks"]) == 2 and summary["ranks_agree"]
+    assert (whole / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((whole / "status.json").read_text())["complete"] is True
+    assert json.loads((whole.parent / "m.json").read_text())["steps"] == 4  # --metrics-json of the module path
+
+
+def test_horovod_resume_is_bit_exact(hvd_runs):
+    """Resumed at step 2 (the pending adversarial batch, optimizer and scheduler state, RNG, data position, each
+    rank's BN statistics): the same losses, accuracies, test accuracies and every rank's parameter checksum."""
+    whole, split, _, _ = hvd_runs
+    a, b = csv_rows(whole / "metrics.csv"), csv_rows(split / "metrics.csv")
+    assert [r["step"] for r in b] == ["1", "2", "3", "4"]
+    for key in COMPARED:
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    sa, sb = json.loads((whole / "metrics.json").read_text()), json.loads((split / "metrics.json").read_text())
+    assert [r["param_checksum"] for r in sa["ranks"]] == [r["param_checksum"] for r in sb["ranks"]]
+    for key in ("final_test_clean_acc", "final_test_adv_acc", "final_test_pgd_acc"):
+        assert sa[key] == sb[key], key
+    assert sb["resumed_from"] and json.loads((split / "status.json").read_text())["complete"] is True
+    assert sorted(os.listdir(split / "checkpoints")) == ["step4"]  # the newest only
+    manifest = json.loads((split / "checkpoints" / "step4" / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["conadv_rank0.pt", "conadv_rank1.pt", "job_rank0.pt", "job_rank1.pt",
+                                         "state.pt"]
+    assert manifest["meta"] == {"step": 4, "world_size": 2, "backend": "horovod"}
+
+
+@pytest.mark.parametrize("fault,name,needle", [
+    ("flip", "state.pt", "does not match its sha256"),
+    ("truncate", "conadv_rank1.pt", "truncated"),
+    ("missing", "job_rank1.pt", "is missing"),
+])
+def test_horovod_bad_checkpoint_is_refused_in_one_line(hvd_runs, tmp_path, capsys, fault, name, needle):
+    """Verified before Horovod starts: one line naming the file, exit 2."""
+    from ds_conadv import cli
+
+    ckpt = tmp_path / "step2"
+    shutil.copytree(hvd_runs[2], ckpt)
+    target = ckpt / name
+    data = target.read_bytes()
+    if fault == "flip":
+        target.write_bytes(data[:100] + bytes(b ^ 0xFF for b in data[100:164]) + data[164:])
+    elif fault == "truncate":
+        target.write_bytes(data[:100])
+    else:
+        target.unlink()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--backend", "horovod", "--config", str(hvd_runs[3]), "--resume", str(ckpt), "--out-dir",
+                  str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("ds-conadv: error:")]
+    assert len(lines) == 1 and needle in lines[0] and name in lines[0] and "Traceback" not in err, err
+
+
+def test_horovod_checkpoint_is_refused_by_the_deepspeed_backend(hvd_runs, tmp_path, capsys):
+    from ds_conadv import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--config", str(hvd_runs[3]), "--resume", str(hvd_runs[2]), "--out-dir",
+                  str(tmp_path / "o"), "--no-progress"])
+    assert exc.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ds-conadv: error:")]
+    assert len(lines) == 1 and "written by the horovod backend" in lines[0], lines
+
+
+def test_horovod_out_dir_of_another_run_is_refused(hvd_runs):
+    """Every rank refuses in one line (rank 0 decides and tells the others), the old results stay."""
+    whole, _, _, cfg = hvd_runs
+    before = (whole / "metrics.json").read_bytes()
+    proc = hvd_job("-m", "ds_conadv.cli", "train", "--backend", "horovod", "--config", cfg, "--max-steps", "1",
+                   "--out-dir", whole, "--no-progress")
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        lines = rank_error_lines(proc, rank)
+        assert len(lines) == 1 and "--overwrite" in lines[0] and str(whole) in lines[0], proc.stdout + proc.stderr
+    assert (whole / "metrics.json").read_bytes() == before
+    assert json.loads((whole / "status.json").read_text())["complete"] is True
+
+
+def test_horovod_job_skips_nonfinite_steps_and_stops(tmp_path):
+    """A test-only fault (tests/workers/job_nonfinite.py): from step 2 on every rank's gradient is +inf with a
+    finite loss. Each skipped step leaves the parameters and the optimizer state bit-identical on every rank; it
+    is counted in metrics.csv; --max-skipped 2 stops the run at step 3 in one line; status.json incomplete."""
+    cfg = job_config(tmp_path)
+    out = tmp_path / "run"
+    # 2 micro-batches per step: backward 3 is step 2's first
+    proc = hvd_job(WORKERS / "job_nonfinite.py", "3", tmp_path / "w", "train", "--backend", "horovod", "--config",
+                   cfg, "--max-steps", "5", "--max-skipped", "2", "--out-dir", out, "--no-progress")
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        lines = rank_error_lines(proc, rank)
+        assert len(lines) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "training diverged at step 3: 2 consecutive optimizer steps skipped (non-finite gradients" in lines[0]
+        record = json.load(open(f"{tmp_path / 'w'}.rank{rank}"))
+        assert record["rc"] == 1 and [s["step"] for s in record["steps"]] == [1, 2, 3]
+        first, *skipped = record["steps"]
+        assert all(s["params"] == first["params"] and s["state"] == first["state"] for s in skipped)
+    rows = csv_rows(out / "metrics.csv")
+    assert [r["skipped"] for r in rows] == ["0", "1", "1"] and [r["skipped_total"] for r in rows] == ["0", "1", "2"]
+    assert all(r["loss"] not in ("", "nan") for r in rows)
+    status = json.loads((out / "status.json").read_text())
+    assert status["complete"] is False and "2 consecutive optimizer steps skipped" in status["error"]
+    assert not (out / "metrics.json").exists()
 
 
 def test_elastic_worker_removed_and_readded(tmp_path):

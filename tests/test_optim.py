@@ -634,3 +634,28 @@ def test_channels_last_on_gpu(backend, cls, dtype):
         # the same update up to the order of the norms' sums: at most one rounding step of the param dtype
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6 if dtype == torch.float32 else 2 ** -7,
                                    atol=1e-7 if dtype == torch.float32 else 1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_lars_inf_nan_check_reads_pass_one(backend, monkeypatch):
+    """LARS's skip_nonfinite verdict comes from pass 1's gradient sums: no sum-of-squares pass of its own, and a
+    non-finite gradient still skips the step, bit-identically."""
+    _backend_or_skip(backend)
+    from ds_conadv.optim import functional as F
+
+    calls = []
+    real = F.grad_sumsq
+    monkeypatch.setattr(F, "grad_sumsq", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(10, 4))
+    opt = LARS([p], lr=0.1, momentum=0.9, weight_decay=1e-4, backend=backend)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert calls == []
+    before = p.detach().clone()
+    buf = opt.state[p]["momentum_buffer"].clone()
+    p.grad = torch.randn_like(p)
+    p.grad[2, 1] = float("inf")
+    opt.step()
+    assert torch.equal(p, before) and torch.equal(opt.state[p]["momentum_buffer"], buf)
+    assert int(opt.skipped_steps) == 1 and float(opt.state[p]["step"]) == 1.0

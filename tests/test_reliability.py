@@ -205,7 +205,9 @@ def test_low_precision_main_job_runs(tmp_path, precision):
     (["--nproc", "0"], "--nproc"),
     (["--rank-timeout", "-1"], "--rank-timeout"),
     (["--resume", "/no/such/ckpt", "--out-dir", "x"], "/no/such/ckpt"),
-    (["--backend", "horovod", "--resume", "/tmp"], "--resume"),
+    (["--backend", "horovod", "--resume", "/no/such/ckpt"], "/no/such/ckpt"),  # before Horovod starts
+    (["--backend", "horovod", "--nproc", "2"], "--nproc"),
+    (["--backend", "horovod", "--config", str(ROOT / "configs" / "absa_digits.json")], "ABSA job"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(capsys, args, needle):
     with pytest.raises(SystemExit) as exc:
@@ -383,3 +385,51 @@ def test_out_dir_of_another_run_is_refused_unless_overwrite(tmp_path, capsys):
                   "scheduler.params.warmup_max_lr=1e30", "--set", "scheduler.params.warmup_num_steps=1", *FAST])
     assert not (out / "metrics.json").exists() and not (out / "curves.png").exists()
     assert json.loads((out / "status.json").read_text())["complete"] is False
+
+
+def test_consecutive_skipped_steps_stop_the_run(tmp_path):
+    """Non-finite gradients with a finite loss (a test-only fault, tests/workers/job_nonfinite.py: from step 3 on a
+    tensor hook makes the classifier weight's gradient +inf): the steps are skipped and counted, and
+    --max-skipped 3 stops the run at the 3rd skipped step in a row, in one line naming the step and what was
+    non-finite."""
+    out = tmp_path / "run"
+    # one rank, 2 accumulated micro-batches per step: backward 5 is step 3's first
+    worker = ROOT / "tests" / "workers" / "job_nonfinite.py"
+    proc = subprocess.run([sys.executable, str(worker), "5", str(tmp_path / "w"), "train", "--max-steps", "8",
+                           "--max-skipped", "3", "--out-dir", str(out), *FAST],
+                          env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = _one_error_line(proc.stderr)
+    assert "training diverged at step 5: 3 consecutive optimizer steps skipped (non-finite gradients" in line, line
+    rows = _rows(out / "metrics.csv")
+    assert [r["skipped"] for r in rows] == ["0", "0", "1", "1", "1"]
+    assert [r["skipped_total"] for r in rows] == ["0", "0", "1", "2", "3"]
+    assert all(r["loss"] not in ("", "nan") for r in rows)  # the loss stayed finite
+    status = json.loads((out / "status.json").read_text())
+    assert status["complete"] is False and "3 consecutive optimizer steps skipped" in status["error"]
+    assert not (out / "metrics.json").exists()
+
+
+def test_absa_resume_continues_bit_exactly(tmp_path):
+    """The ABSA job (configs/absa_digits.json; small: a tenth of the data as the training set, the batch grows
+    every epoch): 3 epochs at once vs 2 epochs with a checkpoint (taken after the batch grew twice) resumed to 3:
+    the same per-epoch log (global batch, LR factor, adversarial share, eigenvalues), test accuracies and
+    parameter checksum."""
+    absa = ["--config", str(ROOT / "configs" / "absa_digits.json"), "--no-progress", "--set", "train.width=8",
+            "--set", "train.test_fraction=0.9", "--set", "absa.duration=1", "--set", "absa.eig_max_iter=5",
+            "--set", "absa.eig_batches=2"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert cli.main(["train", *absa, "--epochs", "3", "--out-dir", str(whole)]) == 0
+    assert cli.main(["train", *absa, "--epochs", "2", "--save-every", "2", "--out-dir", str(split)]) == 0
+    assert sorted(os.listdir(split / "checkpoints")) == ["step7"]
+    assert cli.main(["train", *absa, "--epochs", "3", "--resume", "--out-dir", str(split)]) == 0
+    a, b = _rows(whole / "absa_log.csv"), _rows(split / "absa_log.csv")
+    assert [r["global_batch"] for r in a] == ["32", "64", "128"]
+    for key in ("global_batch", "grad_accum_steps", "lr", "lr_scale", "adv_ratio", "adv_examples", "steps",
+                "samples", "eigenvalue", "next_global_batch"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    sa, sb = json.loads((whole / "metrics.json").read_text()), json.loads((split / "metrics.json").read_text())
+    assert sa["ranks"][0]["param_checksum"] == sb["ranks"][0]["param_checksum"]
+    assert (sa["final_test_clean_acc"], sa["final_test_adv_acc"]) == (sb["final_test_clean_acc"],
+                                                                     sb["final_test_adv_acc"])
+    assert json.loads((split / "status.json").read_text())["complete"] is True

@@ -95,7 +95,22 @@ def _transposed_grad(opt, params, extra):
     params[1].grad = g.t().contiguous().t()  # same values, column-major: a dense grad in another layout
 
 
+def _swapped_in_list(opt, params, extra):
+    """Another param object put into the group's list in place (same shape): the list is the same object."""
+    new = torch.nn.Parameter(params[3].detach().clone() + 0.05)
+    new.grad = params[3].grad.clone()
+    opt.param_groups[0]["params"][3] = new
+    params[3] = new
+
+
+def _list_replaced(opt, params, extra):
+    """A new list object holding the same params (as a wrapper swapping ``param_groups`` does)."""
+    opt.param_groups[0]["params"] = list(opt.param_groups[0]["params"])
+
+
 EVENTS = {
+    "swapped_in_list": {3: _swapped_in_list},
+    "list_replaced": {2: _list_replaced, 4: _list_replaced},
     "grad_none": {2: _grad_none_on_one_step},
     "grad_none_twice": {2: _grad_none_on_one_step, 5: _grad_none_on_one_step},
     "add_param_group": {3: _add_group},

@@ -84,3 +84,13 @@ def test_quick_study_runs_resumes_and_writes_results(tmp_path):
 def test_bad_arguments_are_one_line(capsys):
     assert main(["--quick", "--tasks", "cifar"]) == 2
     assert "unknown task 'cifar'" in capsys.readouterr().err
+
+
+def test_cli_forwards_to_the_study(capsys):
+    from ds_conadv.cli import main as cli_main
+
+    assert cli_main(["study", "--quick", "--tasks", "cifar"]) == 2
+    assert "unknown task 'cifar'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["study", "--help"])
+    assert "ds-conadv study" in capsys.readouterr().out

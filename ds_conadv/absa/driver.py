@@ -356,12 +356,13 @@ class ABSADriver:
     # -- state -------------------------------------------------------------------------------------------------
     def absa_state_dict(self) -> Dict[str, Any]:
         """ABSA's own state, between epochs: the schedule, the LR bookkeeping, counters, the log, this rank's
-        attack generator. (Model and optimizer are checkpointed by the backend.) Not included: the eig-batch
-        buffer, which refills with the next epoch's batches."""
+        attack generator and its eig-batch buffer (the last ``eig_batches`` micro-batches: an epoch with fewer
+        micro-batches measures on some of the previous epoch's). Model and optimizer are checkpointed by the
+        backend."""
         return {"version": 1, "schedule": self.schedule.state_dict(), "raw_lrs": list(self._raw_lrs),
                 "epoch": self.epoch, "samples": self.samples, "log": [dict(r) for r in self.log],
                 "generator": self.generator.get_state(), "world_size": self.world_size,
-                "micro_batch": self.micro_batch}
+                "micro_batch": self.micro_batch, "eig_buffer": list(self._eig_buffer)}
 
     def load_absa_state_dict(self, state: Dict[str, Any]) -> None:
         for key, mine in (("world_size", self.world_size), ("micro_batch", self.micro_batch)):
@@ -376,6 +377,7 @@ class ABSADriver:
         self.generator.set_state(state["generator"])
         self._reset_epoch_counters()
         self._eig_buffer.clear()
+        self._eig_buffer.extend(state.get("eig_buffer", ()))  # absent in states saved before it was kept
         self._set_accumulation(self.grad_accum_steps)
         self._apply_lr()
 

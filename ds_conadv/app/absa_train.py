@@ -24,10 +24,16 @@ __all__ = ["run_absa"]
 
 
 def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: int,
-             threads: int) -> Optional[Dict[str, Any]]:
+             threads: int, options: Any = None) -> Optional[Dict[str, Any]]:
     """Run the ABSA job on this rank (inside :func:`ds_conadv.app.train.run`'s distributed set-up). Returns the summary
-    on rank 0, None elsewhere."""
+    on rank 0, None elsewhere. ``options`` (:class:`~ds_conadv.app.train.RunOptions`): ``save_every`` (epochs
+    here) and ``resume``."""
+    import itertools
     import logging
+
+    import torch.distributed as tdist
+
+    from ds_conadv.checkpointing import CheckpointError, verify_directory
 
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -36,8 +42,10 @@ def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: 
     from ds_conadv.absa.policy import ABSAConfig
     from ds_conadv.integrations.deepspeed import compat, initialize
 
-    from .common import (DigitsCNN, attack_description, default_out_dir, evaluate, gather_ranks, prepare_data,
-                         print_accuracies, rank_batches)
+    from .common import (DigitsCNN, attack_description, default_out_dir, evaluate, gather_ranks, monitor_outputs,
+                         prepare_data, print_accuracies, rank_batches)
+    from .reliability import TrainingDiverged
+    from .run_folder import commit_checkpoint, find_checkpoint, job_state, load_job_state, param_checksum
 
     tc = resolved.train
     ds_cfg = resolved.deepspeed
@@ -49,6 +57,7 @@ def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: 
     ds_cfg.setdefault("steps_per_print", 10 ** 9)
     out_dir = tc.out_dir or default_out_dir(config_name)
     os.makedirs(out_dir, exist_ok=True)
+    monitors = monitor_outputs(ds_cfg, out_dir)  # "tensorboard" / "csv_monitor" sections: into the run's folder
 
     torch.manual_seed(tc.seed)
     smoothing = tc.label_smoothing
@@ -63,22 +72,63 @@ def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: 
     # the attack of the test-set evaluation: ABSA's own (its epsilon), else the conadv section's
     eval_attack = attack_config(ABSAConfig.from_section(ds_cfg["absa"]), conadv) or conadv
     micro_per_epoch = (n // world) // micro
-    stream = ((x_tr[idx].to(device), y_tr[idx].to(device))
-              for _, idx in rank_batches(n, micro, micro_per_epoch, rank, world, tc.seed))
+    evals: List[Dict[str, Any]] = []
+    step_times: List[float] = []
+    steps = 0
+    consumed = [0]  # micro-batches this rank has pulled from its stream
+    ckpt_root = os.path.join(out_dir, "checkpoints")
+    save_every = int(getattr(options, "save_every", 0) or 0)
+    if getattr(options, "resume", None):
+        ckpt = find_checkpoint(options.resume)
+        meta = verify_directory(ckpt)  # every rank, before anything is loaded: a bad file raises, naming it
+        if meta.get("job", "conadv") != "absa" or meta.get("backend", "deepspeed") != "deepspeed":
+            raise CheckpointError(f"checkpoint {ckpt} is not an ABSA job's under DeepSpeed: resume it with the "
+                                  "config that wrote it")
+        engine.load_checkpoint(ckpt, tag="state")  # DeepSpeed's, then ABSA's (batch, LR factor, share, log, ...)
+        job = load_job_state(os.path.join(ckpt, "state", f"job_rank{rank}.pt"), engine.module)
+        steps, evals, step_times, consumed[0] = job["steps"], job["evals"], job["step_times"], job["consumed"]
+        if rank == 0:
+            print(f"ds-conadv train: resumed from {ckpt} at epoch {engine.epoch} (step {steps})", file=out,
+                  flush=True)
+
+    def counted(batches):
+        for _, idx in batches:
+            consumed[0] += 1
+            yield x_tr[idx].to(device), y_tr[idx].to(device)
+
+    # the data stream where the checkpoint left it (the data order is a function of seed and epoch)
+    stream = counted(itertools.islice(rank_batches(n, micro, micro_per_epoch, rank, world, tc.seed), consumed[0],
+                                      None))
+
+    def save() -> None:
+        staging = os.path.join(ckpt_root, f".staging-step{steps}")
+        engine.save_checkpoint(staging, tag="state")  # DeepSpeed's and this rank's ABSA state
+        torch.save(job_state(engine.module, steps=steps, evals=evals, step_times=step_times, consumed=consumed[0]),
+                   os.path.join(staging, "state", f"job_rank{rank}.pt"))
+        if world > 1:
+            tdist.barrier()  # every rank's files are in the staging folder
+        if rank == 0:
+            commit_checkpoint(staging, ckpt_root, steps, {"step": steps, "epoch": engine.epoch, "world_size": world,
+                                                          "backend": "deepspeed", "job": "absa"})
+        if world > 1:
+            tdist.barrier()
 
     if rank == 0:
         print(f"ds-conadv train: ABSA with {resolved.optimizer_type}, ZeRO "
               f"{ds_cfg.get('zero_optimization', {}).get('stage', 0)}, {world} rank(s) x {threads} thread(s), "
               f"global batch {engine.global_batch} ({micro} x {engine.grad_accum_steps} x {world}) growing to at "
-              f"most {engine.cfg.max_batch}, {tc.epochs} epochs; outputs in {out_dir}", file=out, flush=True)
-    bar = tqdm(total=tc.epochs, desc=f"absa {resolved.optimizer_type} x{world}", unit="epoch",
+              f"most {engine.cfg.max_batch}, {tc.epochs} epochs"
+              f"{f', a checkpoint every {save_every} epoch(s)' if save_every else ''}; outputs in {out_dir}",
+              file=out, flush=True)
+        if monitors:
+            print(f"DeepSpeed monitor: {'  '.join(monitors)}", file=out, flush=True)
+    bar = tqdm(total=tc.epochs, initial=engine.epoch, desc=f"absa {resolved.optimizer_type} x{world}", unit="epoch",
                disable=not (progress and rank == 0), file=sys.stderr, dynamic_ncols=True)
-    evals: List[Dict[str, Any]] = []
-    step_times: List[float] = []
     t_start = time.perf_counter()
-    steps = 0
     try:
-        for epoch in range(tc.epochs):
+        for epoch in range(engine.epoch, tc.epochs):
+            if tc.max_steps and steps >= tc.max_steps:
+                break
             for _ in range(engine.steps_per_epoch(n)):
                 if tc.max_steps and steps >= tc.max_steps:
                     break
@@ -87,13 +137,16 @@ def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: 
                 step_times.append(time.perf_counter() - t0)
                 steps += 1
                 if not math.isfinite(m["loss"]):
-                    raise FloatingPointError(f"training diverged at step {steps} (loss {m['loss']}): lower the lr")
+                    raise TrainingDiverged(f"training diverged at step {steps} (epoch {epoch}): non-finite loss "
+                                           f"({m['loss']})")
             row = engine.end_epoch()
             last = epoch == tc.epochs - 1 or bool(tc.max_steps and steps >= tc.max_steps)
             if last or (epoch + 1) % tc.eval_every == 0:
                 clean, adv = evaluate(engine.module, x_te, y_te, normalize, eval_attack, rank, world, tc.seed,
                                       device)
                 evals.append({"epoch": epoch, "step": steps, "test_clean_acc": clean, "test_adv_acc": adv})
+            if save_every and (epoch + 1) % save_every == 0:
+                save()
             bar.set_postfix({"batch": row["global_batch"], "eig": f"{row['eigenvalue'] or float('nan'):.3g}",
                              "loss": f"{m['loss']:.3f}"}, refresh=False)
             bar.update(1)
@@ -103,7 +156,7 @@ def run_absa(resolved, config_name: str, progress: bool, out, rank: int, world: 
         bar.close()
     wall = time.perf_counter() - t_start
 
-    checksum = sum(float(p.detach().double().sum()) for p in engine.module.parameters())
+    checksum = param_checksum(list(engine.module.parameters()))
     ranks = gather_ranks({"rank": rank, "steps": steps, "param_checksum": checksum}, world)
     if rank != 0:
         return None

@@ -347,6 +347,20 @@ def default_out_dir(config_name: str) -> str:
     return os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def monitor_outputs(ds_cfg: Dict[str, Any], out_dir: str) -> List[str]:
+    """DeepSpeed's file monitors (``"tensorboard"``, ``"csv_monitor"``) enabled in ``ds_cfg`` write into the run's
+    folder unless the section names an ``"output_path"`` (DeepSpeed's default is the working directory). Returns
+    the folders they write to (``<output_path>/<job_name>``)."""
+    folders = []
+    for name in ("tensorboard", "csv_monitor"):
+        section = ds_cfg.get(name)
+        if isinstance(section, dict) and section.get("enabled"):
+            if not section.get("output_path"):
+                section["output_path"] = out_dir
+            folders.append(os.path.join(section["output_path"], section.get("job_name", "DeepSpeedJobName")))
+    return folders
+
+
 def prepare_data(resolved: Any, ds_cfg: Dict[str, Any]):
     """The digits split as the model sees it: (pixel - mean) / std with the conadv section's mean/std (the
     attack's geometry; from the training split when not given, then recorded in ``ds_cfg`` and the resolved

@@ -239,8 +239,18 @@ def _check_with_deepspeed(raw: Dict[str, Any], world_size: Optional[int]) -> Non
         resolve_batch(raw, world_size)  # DeepSpeed's rule train_batch_size = micro x accumulation x ranks
 
 
-def check_runnable(resolved: ResolvedConfig) -> None:
-    """Valid configs that the job cannot run here (the 96K recipe) fail early, with the reason."""
+def check_runnable(resolved: ResolvedConfig, backend: str = "deepspeed") -> None:
+    """Valid configs that the job cannot run here (the 96K recipe, a missing package of the ``train`` extra) fail
+    early, with the reason, before any rank starts (not at the plot, after training)."""
+    import importlib.util
+
+    needed = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+    if backend == "deepspeed":
+        needed["deepspeed"] = "deepspeed"
+    missing = [package for module, package in needed.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ConfigError(f"ds-conadv train needs {', '.join(missing)}, not installed here: "
+                          "pip install 'ds_conadv[train]' (or the packages themselves)")
     if resolved.train.data != "digits" or resolved.train.model != "cnn":
         raise ConfigError(f'"train.data" = "{resolved.train.data}" with "train.model" = "{resolved.train.model}": '
                           "a valid config, but it documents a recipe: ds-conadv train only runs the bundled "

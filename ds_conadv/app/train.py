@@ -14,12 +14,9 @@ shows the progress bar and writes ``metrics.csv``, ``metrics.json`` and ``curves
 from __future__ import annotations
 
 import contextlib
-import csv
 import itertools
-import json
 import math
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -27,24 +24,19 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ds_conadv.checkpointing import CheckpointError, commit_directory, read_manifest, verify_directory
+from ds_conadv.checkpointing import CheckpointError, verify_directory
 from ds_conadv.config.builders import AUTO as _AUTO
 from ds_conadv.config.sections import ConfigError
 from ds_conadv.integrations.deepspeed import compat
 
 from .common import (DigitsCNN, attack_description, batch_geometry, default_out_dir, describe_mode, distributed,
-                     evaluate, evaluate_untargeted_pgd, gather_ranks, plot_curves, prepare_data, print_accuracies,
+                     evaluate, evaluate_untargeted_pgd, gather_ranks, monitor_outputs, prepare_data,
                      rank_batches)
-from .common import _fmt
 from .job_config import DEFAULT_CONFIG_NAME, ResolvedConfig, check_runnable
-from .reliability import TrainingDiverged
+from .run_folder import (CSV_FIELDS, RunRecorder, commit_checkpoint, find_checkpoint, job_state, load_job_state,
+                         param_checksum, recorder_state)
 
 __all__ = ["CSV_FIELDS", "run", "prepare_data", "RunOptions", "find_checkpoint"]
-
-#: the metrics of every step, in the order of metrics.csv's columns
-CSV_FIELDS = ("step", "epoch", "lr", "loss", "clean_loss", "adv_loss", "clean_acc", "adv_acc", "step_time",
-              "stale_by", "generated_now", "skipped", "skipped_total", "test_clean_acc", "test_adv_acc")
-
 
 class RunOptions:
     """The run's reliability knobs (from the command line, not the config): checkpoints every ``save_every``
@@ -58,29 +50,6 @@ class RunOptions:
         self.resume = resume
         self.rank_timeout = float(rank_timeout)
         self.max_skipped = int(max_skipped)
-
-
-def _step_of(name: str) -> Optional[int]:
-    return int(name[4:]) if name.startswith("step") and name[4:].isdigit() else None
-
-
-def find_checkpoint(path: str) -> str:
-    """The committed checkpoint folder ``path`` names: itself (it holds a manifest), else the newest ``step<N>``
-    in it or in its ``checkpoints/``. Raises :class:`CheckpointError` naming ``path`` when there is none."""
-    from ds_conadv.checkpointing import MANIFEST
-
-    if os.path.isfile(os.path.join(path, MANIFEST)):
-        return path
-    if os.path.exists(os.path.join(path, "latest")) or os.path.isdir(os.path.join(path, "state")):
-        read_manifest(path)  # a checkpoint without its manifest: raises, saying so
-    for root in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(root):
-            steps = [(s, n) for n in os.listdir(root) if (s := _step_of(n)) is not None]
-            if steps:
-                return os.path.join(root, max(steps)[1])
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path}: no such directory")
-    raise CheckpointError(f"checkpoint {path}: no committed checkpoint (step<N>/ with a manifest.json) in it")
 
 
 def _base_optimizer(engine: Any) -> Any:
@@ -136,7 +105,6 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
 
     import torch.distributed as tdist
     import torch.nn.functional as F
-    from tqdm import tqdm
 
     import deepspeed
 
@@ -145,11 +113,7 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
     if resolved.absa_enabled:
         from .absa_train import run_absa
 
-        if options.save_every or options.resume:
-            raise ConfigError("--save-every/--resume: the ABSA job (\"absa.enabled\") has no checkpoints yet; "
-                              "run it without them")
-
-        return run_absa(resolved, config_name, progress, out, rank, world, threads)
+        return run_absa(resolved, config_name, progress, out, rank, world, threads, options)
     tc = resolved.train
     ds_cfg = resolved.deepspeed
     x_tr_n, y_tr, x_te, y_te, normalize, conadv = prepare_data(resolved, ds_cfg)
@@ -179,11 +143,12 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
     def loss_fn(output, y):
         return F.cross_entropy(output, y, label_smoothing=smoothing)
 
+    out_dir = tc.out_dir or default_out_dir(config_name)
+    monitors = monitor_outputs(ds_cfg, out_dir)  # "tensorboard" / "csv_monitor" sections: into the run's folder
     with compat.log_level(logging.ERROR):  # "untested optimizer" (ours, attached to ZeRO), "lr before start", ...
         engine, _, _, _ = initialize(model=model, config=ds_cfg, loss_fn=loss_fn, conadv_seed=tc.seed,
                                      steps_per_epoch=micro_per_epoch)
     device = engine.device
-    out_dir = tc.out_dir or default_out_dir(config_name)
     ckpt_root = os.path.join(out_dir, "checkpoints")
     rows: List[Dict[str, Any]] = []
     evals: List[Dict[str, Any]] = []
@@ -191,14 +156,17 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
     step = 0
     if options.resume:
         ckpt = find_checkpoint(options.resume)
-        verify_directory(ckpt)  # every rank, before anything is loaded: a bad file raises, naming it
+        meta = verify_directory(ckpt)  # every rank, before anything is loaded: a bad file raises, naming it
+        if meta.get("backend", "deepspeed") != "deepspeed":
+            raise CheckpointError(f"checkpoint {ckpt} was written by the {meta['backend']} backend: resume it with "
+                                  f"--backend {meta['backend']}")
+        if meta.get("job", "conadv") != "conadv":
+            raise CheckpointError(f"checkpoint {ckpt} is the {meta['job']} job's: resume it with the config that "
+                                  "wrote it")
         engine.load_checkpoint(ckpt, tag="state")
-        job = torch.load(os.path.join(ckpt, "state", f"job_rank{rank}.pt"), weights_only=False)
+        # this rank's rows, RNG and buffers (BN running stats are per rank; DeepSpeed saves rank 0's)
+        job = load_job_state(os.path.join(ckpt, "state", f"job_rank{rank}.pt"), engine.module)
         step, rows, evals, step_times = job["step"], job["rows"], job["evals"], job["step_times"]
-        torch.set_rng_state(job["torch_rng"])
-        with torch.no_grad():  # this rank's buffers (BN running stats are per rank; DeepSpeed saves rank 0's)
-            for name, buf in engine.module.named_buffers():
-                buf.copy_(job["buffers"][name])
         if rank == 0:
             print(f"ds-conadv train: resumed from {ckpt} at step {step}", file=out, flush=True)
     # the data stream where the checkpoint left it: the micro-batches already pulled (those queued for their
@@ -210,53 +178,32 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
 
     def save(at_step: int) -> None:
         staging = os.path.join(ckpt_root, f".staging-step{at_step}")
-        final = os.path.join(ckpt_root, f"step{at_step}")
         engine.save_checkpoint(staging, tag="state")
-        torch.save({"step": at_step, "rows": rows, "evals": evals, "step_times": step_times,
-                    "torch_rng": torch.get_rng_state(),
-                    "buffers": {name: buf.detach().cpu().clone() for name, buf in engine.module.named_buffers()}},
+        torch.save(job_state(engine.module, **recorder_state(rec)),
                    os.path.join(staging, "state", f"job_rank{rank}.pt"))
         if world > 1:
             tdist.barrier()  # every rank's files are in the staging folder
         if rank == 0:
-            commit_directory(staging, final, meta={"step": at_step, "world_size": world})
-            for name in os.listdir(ckpt_root):  # keep the newest checkpoint only
-                s = _step_of(name)
-                if s is not None and s < at_step:
-                    import shutil
-
-                    shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+            commit_checkpoint(staging, ckpt_root, at_step, {"step": at_step, "world_size": world,
+                                                             "backend": "deepspeed"})
         if world > 1:
             tdist.barrier()
 
     # ---- outputs (rank 0) ----------------------------------------------------------------------------------------
-    paths = {"out_dir": out_dir, "metrics_csv": os.path.join(out_dir, "metrics.csv"),
-             "metrics_json": os.path.join(out_dir, "metrics.json"), "plot": os.path.join(out_dir, "curves.png")}
-    csv_file = writer = None
+    rec = RunRecorder(out_dir, rank, run_steps, rows=rows, evals=evals, step_times=step_times,
+                      max_skipped=options.max_skipped, progress=progress, desc=f"{resolved.mode} "
+                      f"{resolved.optimizer_type} x{world}", print_every=tc.print_every, eval_every=tc.eval_every,
+                      steps_per_epoch=steps_per_epoch)
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        csv_file = open(paths["metrics_csv"], "w", newline="", encoding="utf-8")
-        writer = csv.DictWriter(csv_file, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in rows:  # a resumed run: the steps before the checkpoint
-            writer.writerow({k: _fmt(row.get(k)) for k in CSV_FIELDS})
-        csv_file.flush()
         print(f"ds-conadv train: {describe_mode(resolved)} with {resolved.optimizer_type}, "
               f"ZeRO {ds_cfg.get('zero_optimization', {}).get('stage', 0)}, {world} rank(s) x {threads} thread(s), "
               f"global batch {micro * gas * world} ({micro} x {gas} x {world}), {steps_per_epoch} steps/epoch, "
               f"{run_steps} steps; outputs in {out_dir}", file=out, flush=True)
-    desc = f"{resolved.mode} {resolved.optimizer_type} x{world}"
-    bar = tqdm(total=run_steps, initial=step, desc=desc, unit="step", disable=not (progress and rank == 0),
-               file=sys.stderr, dynamic_ncols=True)
+        if monitors:
+            print(f"DeepSpeed monitor: {'  '.join(monitors)}", file=out, flush=True)
 
     t_start = time.perf_counter()
     skipped_before = _skipped_total(engine, base_opt)
-    consecutive_skips = 0
-    if rows:
-        for row in reversed(rows):
-            if not row.get("skipped"):
-                break
-            consecutive_skips += 1
     try:
         for epoch in range(step // steps_per_epoch, tc.epochs):
             if step >= run_steps:
@@ -281,55 +228,16 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
                     tdist.all_reduce(vals)
                     vals /= world
                 step += 1
-                step_times.append(dt)
-                vals = vals.tolist()
-                skipped = int(vals[5] > 0)  # any rank skipped: all did (the same reduced gradients)
-                consecutive_skips = consecutive_skips + 1 if skipped else 0
-                row = dict(step=step, epoch=epoch, lr=lr, loss=vals[0], clean_loss=vals[1],
-                           adv_loss=vals[2], clean_acc=vals[3], adv_acc=vals[4],
-                           step_time=dt, stale_by=m.get("stale_by"), generated_now=m.get("generated_now"),
-                           skipped=skipped, skipped_total=(rows[-1]["skipped_total"] if rows else 0) + skipped,
-                           test_clean_acc=None, test_adv_acc=None)
-                diverged = None
-                if not math.isfinite(row["loss"]):
-                    what = ", ".join(f"{k} {row[k]}" for k in ("clean_loss", "adv_loss")
-                                     if not math.isfinite(row[k])) or f"loss {row['loss']}"
-                    diverged = (f"training diverged at step {step}: non-finite loss ({what}); "
-                                f"{row['skipped_total']} optimizer step(s) skipped so far")
-                elif options.max_skipped and consecutive_skips >= options.max_skipped:
-                    diverged = (f"training diverged at step {step}: {consecutive_skips} consecutive optimizer "
-                                f"steps skipped (non-finite gradients; --max-skipped {options.max_skipped})")
-                last_of_epoch = (step % steps_per_epoch == 0)
-                if diverged is None and step == run_steps or (last_of_epoch and (epoch + 1) % tc.eval_every == 0):
-                    clean, adv = evaluate(engine.module, x_te, y_te, normalize, conadv, rank, world, tc.seed, device)
-                    row.update(test_clean_acc=clean, test_adv_acc=adv)
-                    evals.append({"step": step, "epoch": epoch, "test_clean_acc": clean, "test_adv_acc": adv})
-                rows.append(row)
-                if rank == 0:
-                    writer.writerow({k: _fmt(row[k]) for k in CSV_FIELDS})
-                    csv_file.flush()
-                if diverged:
-                    raise TrainingDiverged(diverged)
+                row = rec.make_row(step, epoch, lr, vals.tolist(), dt, m)
+                if rec.due_eval(row):
+                    rec.add_eval(row, *evaluate(engine.module, x_te, y_te, normalize, conadv, rank, world, tc.seed,
+                                                device))
+                rec.commit(row)  # raises after a divergence, the row written
                 if options.save_every and step % options.save_every == 0:
                     save(step)
-                if rank == 0:
-                    post = {"loss": f"{row['loss']:.3f}", "acc": f"{row['clean_acc']:.3f}"}
-                    if row["skipped_total"]:
-                        post["skipped"] = str(row["skipped_total"])
-                    if not math.isnan(row["adv_acc"]):
-                        post["adv"] = f"{row['adv_acc']:.3f}"
-                    if evals:
-                        post["test"] = f"{evals[-1]['test_clean_acc']:.3f}"
-                    bar.set_postfix(post, refresh=False)
-                    bar.update(1)
-                    if tc.print_every and step % tc.print_every == 0:
-                        bar.write(f"step {step}/{run_steps} epoch {epoch} lr {lr:.4g} loss {row['loss']:.4f} "
-                                  f"clean acc {row['clean_acc']:.4f} adv acc {row['adv_acc']:.4f} "
-                                  f"step {dt * 1e3:.0f} ms", file=sys.stderr)
+                rec.show(row)
     finally:
-        bar.close()
-        if csv_file is not None:
-            csv_file.close()
+        rec.close()
     wall = time.perf_counter() - t_start
 
     # ---- the standard robustness figure (untargeted PGD-10) next to the configured attack, every rank's shard ----
@@ -342,48 +250,21 @@ def _run(resolved: ResolvedConfig, config_name: str, progress: bool, out, rank: 
     gather = (deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_stage() == 3
               else contextlib.nullcontext())  # ZeRO 3 holds only a partition of each parameter
     with torch.no_grad(), gather:
-        checksum = sum(float(p.detach().double().sum()) + 1e-3 * float(p.detach().double().square().sum())
-                       for p in params)
+        checksum = param_checksum(params)
     mine = {"rank": rank, "steps": step, "batches_consumed": engine.schedule.batches_consumed,
             "param_checksum": checksum}
     ranks = gather_ranks(mine, world)
     if rank != 0:
         return None
 
-    final = evals[-1] if evals else {"test_clean_acc": float("nan"), "test_adv_acc": float("nan")}
-    timed = step_times[1:] or step_times  # the first step includes one-off start-up work
-    summary = {
-        "final_test_clean_acc": final["test_clean_acc"],
-        "final_test_adv_acc": final["test_adv_acc"],
-        "final_train_loss": rows[-1]["loss"] if rows else float("nan"),
-        "final_train_clean_acc": rows[-1]["clean_acc"] if rows else float("nan"),
-        "final_train_adv_acc": rows[-1]["adv_acc"] if rows else float("nan"),
-        "adversarial_eval": attack_description(conadv),
-        "final_test_pgd_acc": test_pgd_acc,
-        "pgd_eval": f"untargeted PGD-{pgd_steps}, eps={conadv.epsilon} px, random start, eval mode, main BN",
-        "mode": resolved.mode, "optimizer": resolved.optimizer_type,
-        "steps": step, "epochs": math.ceil(step / steps_per_epoch), "steps_per_epoch": steps_per_epoch,
-        "world_size": world, "threads_per_rank": threads, "global_batch": micro * gas * world,
-        "micro_batch": micro, "gradient_accumulation_steps": gas,
-        "mean_step_time_s": statistics.fmean(timed) if timed else float("nan"),
-        "median_step_time_s": statistics.median(timed) if timed else float("nan"),
-        "wall_time_s": wall,
-        "ranks": ranks, "ranks_agree": len({r["param_checksum"] for r in ranks}) == 1,
-        "evals": evals, "paths": paths, "config_name": config_name, "config": resolved.raw,
-        "device": str(device), "backend": tdist.get_backend() if tdist.is_initialized() else None,
-        "skipped_steps": rows[-1]["skipped_total"] if rows else 0,
-        "resumed_from": options.resume,
-    }
-    with open(paths["metrics_json"], "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, default=str)
-    plot_curves(rows, evals, paths["plot"],
-                f"ds-conadv train: {describe_mode(resolved)}, {resolved.optimizer_type}, "
-                f"global batch {micro * gas * world}, {world} rank(s), {config_name}")
-    adv = summary["final_test_adv_acc"]
-    print(f"finished {step} steps in {wall:.1f} s (mean step {summary['mean_step_time_s'] * 1e3:.0f} ms, "
-          f"{world} rank(s){'' if summary['ranks_agree'] else ', RANKS DISAGREE'})", file=out)
-    print_accuracies(out, summary["final_test_clean_acc"], adv, summary["adversarial_eval"])
-    print(f"PGD test accuracy:         {test_pgd_acc:.4f}  ({summary['pgd_eval']})", file=out)
-    print(f"metrics: {paths['metrics_csv']}  {paths['metrics_json']}", file=out)
-    print(f"plot:    {paths['plot']}", file=out, flush=True)
+    summary = rec.summary(
+        ranks, wall, adversarial_eval=attack_description(conadv), final_test_pgd_acc=test_pgd_acc,
+        pgd_eval=f"untargeted PGD-{pgd_steps}, eps={conadv.epsilon} px, random start, eval mode, main BN",
+        mode=resolved.mode, optimizer=resolved.optimizer_type, epochs=math.ceil(step / steps_per_epoch),
+        steps_per_epoch=steps_per_epoch, world_size=world, threads_per_rank=threads,
+        global_batch=micro * gas * world, micro_batch=micro, gradient_accumulation_steps=gas,
+        config_name=config_name, config=resolved.raw, device=str(device),
+        backend=tdist.get_backend() if tdist.is_initialized() else None, resumed_from=options.resume)
+    rec.write_results(summary, f"ds-conadv train: {describe_mode(resolved)}, {resolved.optimizer_type}, "
+                               f"global batch {micro * gas * world}, {world} rank(s), {config_name}", out)
     return summary

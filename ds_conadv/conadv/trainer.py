@@ -174,7 +174,8 @@ class ConAdvTrainer:
     # ---- hooks an engine overrides ------------------------------------------------------------------------
     def forward_backward(self, x: Any, y: Any, x_adv: Any) -> Dict[str, Optional[torch.Tensor]]:
         """Loss of step t and its single backward. Without ``x_adv``: the clean loss only (vanilla). With it:
-        ``clean (main BN) + adv_weight * adv (adv BN)``, or ``adv`` alone for ``loss_mode: "adv"``.
+        ``clean (main BN) + adv_weight * adv (adv BN)`` (divided by ``1 + adv_weight`` with
+        ``loss_reduction: "mean"``), or ``adv`` alone for ``loss_mode: "adv"``.
         Returns detached tensors (None where not computed): loss, clean_loss, adv_loss, clean_acc, adv_acc."""
         self.zero_grad()
         cfg = self.cfg
@@ -194,6 +195,8 @@ class ConAdvTrainer:
             loss = adv_loss
         else:
             loss = clean_loss + cfg.adv_weight * adv_loss
+            if cfg.loss_reduction == "mean":  # a vanilla step's gradient scale: an LR tuned without ConAdv fits
+                loss = loss / (1.0 + cfg.adv_weight)
         self.backward(loss)
         d = (lambda t: None if t is None else t.detach())
         return {"loss": d(loss), "clean_loss": d(clean_loss), "adv_loss": d(adv_loss), "clean_acc": clean_acc,

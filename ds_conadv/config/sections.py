@@ -66,6 +66,8 @@ class ConAdvConfig(SectionModel):
     # -- loss -------------------------------------------------------------------------------------------------
     loss_mode: Literal["clean+adv", "adv"] = "clean+adv"
     adv_weight: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+    loss_reduction: Literal["sum", "mean"] = Field(
+        "sum", description='"sum": clean + adv_weight * adv (the paper); "mean": the same divided by 1 + adv_weight')
     dual_bn: bool = Field(True, validate_default=True)
     # -- attack -------------------------------------------------------------------------------------------
     attack: Literal["fgsm", "pgd"] = "fgsm"
@@ -181,10 +183,13 @@ GROUPING_KEYS = ("exclude_norm_and_bias",)
 
 
 def optimizer_class(type_name: str):
-    """Our optimizer class for a config ``type`` (case-insensitive), or ``None`` for DeepSpeed's own types."""
-    from ds_conadv.optim import LAMB, LARS
+    """Our optimizer class for a config ``type`` (case-insensitive): ``"LAMB"``/``"LARS"`` or the names registered
+    in ``torch.optim`` (``"ds_conadv.LAMB"``, which mean ours under plain ``deepspeed.initialize`` too); ``None``
+    for DeepSpeed's own types."""
+    from ds_conadv.optim import LAMB, LARS, TORCH_OPTIM_NAMES
 
-    return {"lamb": LAMB, "lars": LARS}.get(str(type_name).lower())
+    names = {"lamb": LAMB, "lars": LARS, **{n.lower(): cls for n, cls in TORCH_OPTIM_NAMES.items()}}
+    return names.get(str(type_name).lower())
 
 
 def optimizer_arguments(cls) -> Dict[str, inspect.Parameter]:

@@ -114,20 +114,27 @@ class Hessian:
         return dict(dtype=self.op.dtype, device=self.op.device, progress=self.progress, rank=self.rank)
 
     # ----- algorithms
-    def eigenvalues(self, maxIter: Any = _UNSET, tol: float = 1e-3, top_n: int = 1, method: str = "power", *,
+    def eigenvalues(self, maxIter: Any = _UNSET, tol: float = 1e-3, top_n: int = 1, method: Optional[str] = None, *,
                     max_iter: Optional[int] = None, which: str = "LM", seed: Optional[int] = None
                     ) -> Tuple[List[float], List[List[torch.Tensor]]]:
         """The ``top_n`` eigenvalues of largest magnitude and their unit eigenvectors (each a list of tensors
         shaped like the parameters, PyHessian's layout). Positional order as PyHessian's
         ``eigenvalues(maxIter=100, tol=1e-3, top_n=1)``.
 
-        ``method="power"`` (default): PyHessian's power iteration with deflation; ``maxIter`` products at most
+        ``method="power"``: PyHessian's power iteration with deflation; ``maxIter`` products at most
         per eigenvalue, stop when the eigenvalue changes by less than ``tol`` relative.
         ``method="lanczos"``: at most ``maxIter`` (= m >= top_n) Lanczos steps with full reorthogonalisation,
         stop when each wanted Ritz pair's residual bound is below ``tol`` relative; ``which`` may then also be
-        ``"LA"`` (largest algebraic) or ``"SA"`` (smallest).
+        ``"LA"`` (largest algebraic) or ``"SA"`` (smallest). It keeps its m basis vectors (m x the parameter count).
+        ``method=None`` (default): power iteration for ``top_n=1`` (PyHessian's result), Lanczos for ``top_n > 1``
+        with power iteration's budget of products (m = ``maxIter * top_n``): its stopping rule bounds the error,
+        and it reaches a given error with fewer products (``docs/hessian.md``).
         """
         max_iter = _alias("maxIter", maxIter, "max_iter", max_iter, 100)
+        if method is None:
+            method = "power" if top_n == 1 and which == "LM" else "lanczos"
+            if method == "lanczos":
+                max_iter = min(max_iter * top_n, self.dim)
         gen = self._generator(seed)
         with self.op.session():
             start = self.op.num_products

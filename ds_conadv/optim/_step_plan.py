@@ -58,7 +58,7 @@ def _flat(t: Tensor) -> Tensor:
 
 class GroupPlan:
     __slots__ = ("ids", "positions", "absent", "with_grad", "meta", "checker", "params", "states", "models", "steps",
-                 "flat_positions", "state_obj", "state_len")
+                 "flat_positions", "state_obj", "state_len", "group_check")
 
     def mismatch(self, grads: List[Optional[Tensor]]) -> bool:
         if self.checker is not None:
@@ -78,6 +78,18 @@ def collect(opt, index: int, group: dict):
     params = group["params"]
     if not params:
         return opt._collect(index, group)
+    # fastest path: the plan last used with this very list, whose C++ check compares the list's items by identity
+    # and collects the grads in the same call (no per-param Python work at all)
+    by_list: Dict[int, GroupPlan] = opt.__dict__.setdefault("_step_plan_by_list", {})
+    plan = by_list.get(id(params))
+    if (plan is not None and plan.group_check is not None and plan.state_obj is opt.state
+            and plan.state_len == len(opt.state)):
+        fast = plan.group_check.grads(params)
+        if fast is not None:
+            if plan.flat_positions:
+                for j in plan.flat_positions:
+                    fast[j] = _flat(fast[j])
+            return plan.params, fast, plan.states, plan.models, plan.steps
     plans: Dict[tuple, GroupPlan] = opt.__dict__.setdefault("_step_plans", {})
     ids = tuple(map(id, params))
     plan = plans.get(ids)
@@ -90,6 +102,7 @@ def collect(opt, index: int, group: dict):
             if any(grads[i] is not None for i in plan.absent):
                 with_grad = None
         if with_grad is not None and not plan.mismatch(with_grad):
+            _remember_list(opt, params, plan)
             if plan.flat_positions:
                 with_grad = list(with_grad)
                 for j in plan.flat_positions:
@@ -98,12 +111,35 @@ def collect(opt, index: int, group: dict):
     # slow path: validate, create state, fix layouts (it may re-lay a grad out), then plan for the next step
     kparams, kgrads, states, models, steps = opt._collect(index, group)
     steps = _build(opt, ids, params, kparams, states, models, steps, plans)
+    plan = plans.get(ids)
+    if plan is not None:
+        _remember_list(opt, params, plan)
     return kparams, kgrads, states, models, steps
+
+
+def _drop(plans: Dict[tuple, GroupPlan], key: tuple) -> None:
+    """Forget a plan, also for the fast path (which finds plans by their params list, not in ``plans``)."""
+    plan = plans.pop(key, None)
+    if plan is not None:
+        plan.group_check = None
+
+
+def _remember_list(opt, params: list, plan: GroupPlan) -> None:
+    """Let the next step with this params list take the fast path, where the plan has a C++ check (all params with
+    a grad, a list object)."""
+    if plan.group_check is None or not isinstance(params, list):
+        return
+    by_list: Dict[int, GroupPlan] = opt.__dict__.setdefault("_step_plan_by_list", {})
+    if by_list.get(id(params)) is plan:
+        return
+    if len(by_list) >= _MAX_PLANS:
+        by_list.clear()
+    by_list[id(params)] = plan
 
 
 def _build(opt, ids, params, kparams, states, models, steps: List[Tensor], plans) -> Tensor:
     if not steps:
-        plans.pop(ids, None)
+        _drop(plans, ids)
         return torch.zeros(0)
     positions = [i for i, p in enumerate(params) if p.grad is not None]
     with_grad = [params[i] for i in positions]
@@ -115,7 +151,7 @@ def _build(opt, ids, params, kparams, states, models, steps: List[Tensor], plans
     for p in with_grad:
         old = owners.get(id(p))
         if old is not None and old != ids:
-            plans.pop(old, None)
+            _drop(plans, old)
         owners[id(p)] = ids
     plan = GroupPlan()
     plan.ids = ids
@@ -128,12 +164,15 @@ def _build(opt, ids, params, kparams, states, models, steps: List[Tensor], plans
     plan.params, plan.states, plan.models, plan.steps = kparams, states, models, vector
     plan.flat_positions = [j for j, p in enumerate(with_grad) if not p.is_contiguous()]
     plan.state_obj, plan.state_len = opt.state, len(opt.state)
+    plan.group_check = None
+    if plan.positions is None and plan.checker is not None and hasattr(plan.checker, "GroupCheck"):
+        plan.group_check = plan.checker.GroupCheck(list(params), plan.meta)
     if plan.mismatch([p.grad for p in with_grad]):  # e.g. a dense grad in another layout: no plan
-        plans.pop(ids, None)
+        _drop(plans, ids)
         return vector
-    plans.pop(ids, None)
+    _drop(plans, ids)
     while plans and len(plans) >= _MAX_PLANS:  # the oldest first
-        plans.pop(next(iter(plans)))
+        _drop(plans, next(iter(plans)))
     if _MAX_PLANS > 0:
         plans[ids] = plan
     return vector
@@ -144,7 +183,7 @@ class _LayoutCut:
     per-segment step indices, and the last grads' fragment views (reused while the same grad tensors come)."""
 
     __slots__ = ("fragments", "params", "states", "models", "seg_params", "seg_states", "seg_models", "ids",
-                 "positions", "step_index", "grads_key", "seg_grads", "keep")
+                 "positions", "step_index", "grads_key", "seg_grads", "keep", "seg_ids")
 
 
 def cut_fragments(tensors, fragments):
@@ -177,6 +216,7 @@ def layout_segments(opt, layout, params, grads, states, models, model_params, st
         cut.positions = [k for k, frags in enumerate(layout.fragments) for _ in frags]
         cut.step_index = torch.tensor(cut.positions, dtype=torch.int64).to(params[0].device)
         cut.grads_key = None
+        cut.seg_ids = layout.device_ids(cut.ids, params[0].device)
         if len(cache) >= _MAX_PLANS:
             cache.clear()
         cache[id(layout)] = cut
@@ -193,6 +233,6 @@ def layout_segments(opt, layout, params, grads, states, models, model_params, st
         seg_steps = torch.stack([steps[k] for k in cut.positions])
     seg = segments_cls(list(cut.seg_params), list(cut.seg_grads), [list(s) for s in cut.seg_states], seg_steps,
                        None if cut.seg_models is None else list(cut.seg_models))
-    seg.seg_ids = layout.device_ids(cut.ids, params[0].device)
+    seg.seg_ids = cut.seg_ids
     seg.num_ids = layout.num_ids
     return seg

@@ -32,6 +32,10 @@ _SAME_AS_OURS_IF: Dict[str, Tuple[Any, str]] = {
     "maximize": (False, "maximize=True is not supported: negate the loss"),
     "capturable": (False, "capturable is a torch CUDA-graph switch; our steps never sync the host"),
     "differentiable": (False, "differentiable optimizer steps are not supported"),
+    # a config key of ds_conadv.initialize, which has the model; a DeepSpeed-built optimizer gets only its params
+    "exclude_norm_and_bias": (False, "the norm/bias split needs the model: pass model_parameters=param_groups(model, "
+                                     "weight_decay) to deepspeed.initialize, or use ds_conadv.initialize, which "
+                                     "reads this key"),
 }
 
 

@@ -111,6 +111,9 @@ class TrustRatioOptimizer(Optimizer):
         """What lives on the instance besides torch's state and groups: nothing a copy or a pickle can carry
         (layouts and the attachment belong to the wrapper the original was attached to)."""
         self.trust_ratios: List[Optional[Tensor]] = []
+        #: opt-in (e.g. by a metrics writer): each step also keeps min / sum / max of the trust ratios it applied
+        self.collect_trust_ratio_stats = False
+        self._trust_ratio_stats: Optional[List] = None  # [device tensor (min, sum, max), count]
         self._layouts: Dict[int, tuple] = {}  # id(first param) -> (param, layout)
         self._own_params = {id(p) for g in self.param_groups for p in g["params"]}
         self._ds_attached = False
@@ -165,6 +168,33 @@ class TrustRatioOptimizer(Optimizer):
             device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else "cpu"
             self._skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         return self._skipped_steps
+
+    def take_trust_ratio_stats(self) -> Optional[Tensor]:
+        """``(min, mean, max)`` of the trust ratios applied since the last call, over the tensors of the groups the
+        trust ratio applies to (``weight_decay != 0`` or ``always_adapt``), as one fp32 device tensor (no host
+        sync), then forgets them. NaN for a skipped step (no ratio was applied); ``None`` when nothing was
+        recorded. Recorded only while :attr:`collect_trust_ratio_stats` is True; a wrapper that steps one group
+        at a time (ZeRO 3) contributes every group of its step."""
+        stats, self._trust_ratio_stats = self._trust_ratio_stats, None
+        if stats is None:
+            return None
+        acc, count = stats
+        return torch.stack([acc[0], acc[1] / count, acc[2]])
+
+    def _record_trust_ratio_stats(self, group: dict, ratio: Tensor, skip: Optional[Tensor]) -> None:
+        if not (group["weight_decay"] != 0 or group.get("always_adapt", False)) or ratio.numel() == 0:
+            return
+        r = ratio.detach().float()
+        part = torch.stack([r.min(), r.sum(), r.max()])
+        if skip is not None:
+            part = torch.where(skip, torch.full_like(part, float("nan")), part)
+        if self._trust_ratio_stats is None:
+            self._trust_ratio_stats = [part, r.numel()]
+            return
+        acc, count = self._trust_ratio_stats
+        part = part.to(acc.device)
+        merged = torch.stack([torch.minimum(acc[0], part[0]), acc[1] + part[1], torch.maximum(acc[2], part[2])])
+        self._trust_ratio_stats = [merged, count + r.numel()]
 
     def set_segment_layout(self, group: Union[int, Tensor], layout: Optional[SegmentLayout]) -> None:
         """Cut a group's params into norm segments (used by the DeepSpeed ZeRO integration).
@@ -334,6 +364,12 @@ class TrustRatioOptimizer(Optimizer):
                 self._global_norm_hook(total)
                 total = total.reshape(())
                 device = total.device
+            if total is not None and coef is None and max_grad_norm is None and device.type == "cpu":
+                # only the finiteness check: on CPU a host read is free, and a finite step then carries no flag
+                # (no flag ops in the rest of the step)
+                if not math.isfinite(total.item()):
+                    skip = torch.ones((), dtype=torch.bool)
+                total = None
             if total is not None:
                 norm = total.sqrt()
                 if coef is not None:
@@ -343,6 +379,8 @@ class TrustRatioOptimizer(Optimizer):
                 if max_grad_norm is not None:
                     clip = F.clip_coefficient(norm, max_grad_norm)
                     coef = clip if coef is None else coef.to(device) * clip
+        if skip is not None and skip.device.type == "cpu" and not skip.item():
+            skip = None  # (GradScaler or clipping on CPU): a step that is applied needs no flag
         return coef, skip
 
     def _sharded_norms(self, group: dict, layout: Optional[SegmentLayout]) -> Optional[_sharding.ShardedNorms]:
@@ -402,6 +440,9 @@ class TrustRatioOptimizer(Optimizer):
         if state_init_only:
             return loss
         kernels_per_group = [self._kernels(g, c[0]) for g, c in zip(self.param_groups, collected)]
+        if self._checks_in_pass1(collected):
+            self._step_checked_in_pass1(collected, kernels_per_group)
+            return loss
         coef, skip = self._grad_coefficient(collected, kernels_per_group)
         self.trust_ratios = []
         for index, (group, data, kernels) in enumerate(zip(self.param_groups, collected, kernels_per_group)):
@@ -425,10 +466,64 @@ class TrustRatioOptimizer(Optimizer):
             if shard is not None:  # tensor parallelism: complete the shards' sums over their groups
                 hook = shard.compose(hook)
             self.trust_ratios.append(self._update(group, seg, kernels, g_coef, g_skip, hook))
+            if self.collect_trust_ratio_stats:
+                self._record_trust_ratio_stats(group, self.trust_ratios[-1], g_skip)
         if skip is not None:
             counter = self.skipped_steps
             counter.add_(skip.to(counter.device, torch.int64))
         return loss
+
+    def _checks_in_pass1(self, collected) -> bool:
+        """Whether skip_nonfinite can take its verdict from pass 1 (LARS: pass 1 sums every gradient's squares and
+        writes nothing) instead of a pass of its own: the check is all that needs a gradient norm (no clipping, no
+        GradScaler), no segment layout (its all-reduce would have to run for empty groups too), CPU params (the
+        verdict is read on the host)."""
+        if (not getattr(self, "_pass1_sums_grads", False) or self._layouts or getattr(self, "found_inf", None)
+                is not None or getattr(self, "grad_scale", None) is not None or self._max_grad_norm() is not None
+                or not self._global_setting("skip_nonfinite") or self._global_norm_hook is not None
+                or _sharding.any_marked()):
+            return False
+        return all(c[0][0].device.type == "cpu" for c in collected if c[0])
+
+    def _step_checked_in_pass1(self, collected, kernels_per_group) -> None:
+        """A step whose inf/NaN check reads pass 1's gradient sums: pass 1 of every group, the verdict, then pass 2
+        of every group (or, for a non-finite step, the usual skipped step: nothing written, counters kept)."""
+        entries = []
+        total = None
+        for index, (group, data, kernels) in enumerate(zip(self.param_groups, collected, kernels_per_group)):
+            params, grads, states, models, steps = data
+            if not params:
+                entries.append(None)
+                continue
+            if isinstance(steps, Tensor):  # advanced now (pass 2 reads them), taken back if the step is skipped
+                steps.add_(1)
+            else:
+                torch._foreach_add_(steps, 1)
+            seg, _ = self._segments(index, group, params, grads, states, models, steps)
+            sums = self._pass1(seg, kernels)
+            part = sums[:, 0].sum()
+            total = part if total is None else total + part
+            entries.append((seg, sums))
+        finite = total is None or math.isfinite(total.item())
+        skip = None if finite else torch.ones((), dtype=torch.bool)
+        self.trust_ratios = []
+        for group, data, kernels, entry in zip(self.param_groups, collected, kernels_per_group, entries):
+            if entry is None:
+                self.trust_ratios.append(None)
+                continue
+            seg, sums = entry
+            if not finite:
+                steps = data[4]
+                if isinstance(steps, Tensor):
+                    steps.sub_(1)
+                else:
+                    torch._foreach_sub_(steps, 1)
+            self.trust_ratios.append(self._update(group, seg, kernels, None, skip, None, sums=sums if finite else None))
+            if self.collect_trust_ratio_stats:
+                self._record_trust_ratio_stats(group, self.trust_ratios[-1], skip)
+        if not finite:
+            counter = self.skipped_steps
+            counter.add_(1)
 
     def _check_wrapped(self) -> bool:
         """A wrapper (DeepSpeed ZeRO, fp16/bf16) that swapped our params for flat buffers would make every

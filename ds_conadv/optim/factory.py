@@ -24,7 +24,7 @@ from .groups import param_groups
 from .lamb import LAMB
 from .lars import LARS
 
-__all__ = ["create_optimizer", "OPTIMIZER_NAMES"]
+__all__ = ["create_optimizer", "OPTIMIZER_NAMES", "TORCH_OPTIM_NAMES"]
 
 #: name -> (class, arguments the name implies)
 OPTIMIZER_NAMES: Dict[str, Tuple[Type[TrustRatioOptimizer], Dict[str, Any]]] = {
@@ -36,6 +36,11 @@ OPTIMIZER_NAMES: Dict[str, Tuple[Type[TrustRatioOptimizer], Dict[str, Any]]] = {
     "nlars": (LARS, {"nesterov": True}),
     "nlarc": (LARS, {"nesterov": True, "trust_clip": True}),
 }
+
+#: the names under which ``import ds_conadv`` registers our classes in ``torch.optim``: a DeepSpeed config's
+#: ``"optimizer": {"type": "ds_conadv.LAMB"}`` then builds ours under plain ``deepspeed.initialize`` (DeepSpeed
+#: looks a type that is not one of its own up as ``getattr(torch.optim, type)``; ``"LAMB"`` is its FusedLamb)
+TORCH_OPTIM_NAMES: Dict[str, Type[TrustRatioOptimizer]] = {"ds_conadv.LAMB": LAMB, "ds_conadv.LARS": LARS}
 
 
 def _key(name: str) -> str:

@@ -60,6 +60,7 @@ __all__ = [
     "lars_trust_ratio",
     "lamb_update",
     "lars_update",
+    "lars_sums",
     "grad_sumsq",
 ]
 
@@ -104,10 +105,27 @@ def bias_corrections(steps: Tensor, beta1: float, beta2: float, enabled: bool, d
     if not enabled:
         one = torch.ones_like(steps, dtype=dtype)
         return one, one
-    t = steps.to(torch.float64)  # python-float logs: no host->device copy in the step
+    t = steps.to(torch.float64)
+    if beta1 > 0 and beta2 > 0:  # both rows in one go: [2, n] = -expm1([log b1, log b2]^T * t) (fewer small ops)
+        both = torch.expm1(_log_betas(beta1, beta2, t.device) * t).neg_().to(dtype)
+        return both[0], both[1]
     bc1 = -torch.expm1(t * math.log(beta1)) if beta1 > 0 else torch.ones_like(t)
     bc2 = -torch.expm1(t * math.log(beta2)) if beta2 > 0 else torch.ones_like(t)
     return bc1.to(dtype), bc2.to(dtype)
+
+
+_LOG_BETAS: dict = {}  # (beta1, beta2, device) -> fp64 [2, 1] column of their logs, made once (no copy per step)
+
+
+def _log_betas(beta1: float, beta2: float, device: torch.device) -> Tensor:
+    key = (beta1, beta2, device)
+    logs = _LOG_BETAS.get(key)
+    if logs is None:
+        if len(_LOG_BETAS) >= 16:
+            _LOG_BETAS.clear()
+        logs = _LOG_BETAS[key] = torch.tensor([[math.log(beta1)], [math.log(beta2)]], dtype=torch.float64,
+                                              device=device)
+    return logs
 
 
 def _adapts(weight_decay: float, always_adapt: bool) -> bool:
@@ -126,8 +144,8 @@ def lamb_trust_ratio(
 ) -> Tensor:
     if not _adapts(weight_decay, always_adapt):
         return torch.ones_like(param_norm)
-    both_positive = (param_norm > 0) & (update_norm > 0)
-    ratio = torch.where(both_positive, param_norm / torch.where(both_positive, update_norm, 1.0), 1.0)
+    both_positive = torch.minimum(param_norm, update_norm) > 0  # (a NaN norm compares false, as it should)
+    ratio = torch.where(both_positive, param_norm / update_norm, 1.0)  # other entries' x/0 are discarded
     if min_trust_ratio is not None or max_trust_ratio is not None:
         ratio = torch.clamp(ratio, min=min_trust_ratio, max=max_trust_ratio)
     if trust_clip:
@@ -148,7 +166,7 @@ def lars_trust_ratio(
 ) -> Tensor:
     if not _adapts(weight_decay, always_adapt):
         return torch.ones_like(param_norm)
-    both_positive = (param_norm > 0) & (grad_norm > 0)
+    both_positive = torch.minimum(param_norm, grad_norm) > 0
     ratio = trust_coefficient * param_norm / (grad_norm + weight_decay * param_norm + eps)
     if trust_clip:
         ratio = torch.clamp(ratio / lr, max=1.0)
@@ -268,11 +286,19 @@ def _as_tensor(x: Scalar, like: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # Orchestration: one step of one param group, the same for every backend.
 # ----------------------------------------------------------------------------------------------------------
+_ONE_ID: dict = {}  # (tensor count, device) -> all-zero id table (read only)
+
+
 def grad_sumsq(kernels, grads: Sequence[Tensor]) -> Tensor:
     """Sum of squares of all gradients (one norm id), as a 0-d fp32 (fp64 for fp64 grads) device tensor."""
     if not grads:
         return torch.zeros((), dtype=torch.float32)
-    ids = torch.zeros(len(grads), dtype=torch.int64, device=grads[0].device)
+    key = (len(grads), grads[0].device)
+    ids = _ONE_ID.get(key)
+    if ids is None:  # made once per tensor count and device: a new one per step is an allocation (+ a copy on GPU)
+        if len(_ONE_ID) >= 16:
+            _ONE_ID.clear()
+        ids = _ONE_ID[key] = torch.zeros(len(grads), dtype=torch.int64, device=grads[0].device)
     dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
     return kernels.sumsq(grads, ids, 1, None, dtype)[0]
 
@@ -290,8 +316,8 @@ def lamb_update(seg: Segments, *, kernels, lr: Scalar, beta1: float, beta2: floa
                                eps=eps, weight_decay=weight_decay, adam_w_mode=adam_w_mode, skip=skip)
     if norm_hook is not None:
         norm_hook(sums)
-    norms = sums.sqrt()
-    ratio = lamb_trust_ratio(norms[:, 1], norms[:, 0], weight_decay=weight_decay, always_adapt=always_adapt,
+    update_norm, param_norm = sums.sqrt().unbind(1)
+    ratio = lamb_trust_ratio(param_norm, update_norm, weight_decay=weight_decay, always_adapt=always_adapt,
                              trust_clip=trust_clip, min_trust_ratio=min_trust_ratio, max_trust_ratio=max_trust_ratio)
     kernels.lamb_phase2(seg, step_size=ratio * lr, bc1=bc1, bc2=bc2, eps=eps, weight_decay=weight_decay,
                         adam_w_mode=adam_w_mode, skip=skip)
@@ -301,16 +327,26 @@ def lamb_update(seg: Segments, *, kernels, lr: Scalar, beta1: float, beta2: floa
 def lars_update(seg: Segments, *, kernels, lr: Scalar, momentum: float, dampening: float, weight_decay: float,
                 nesterov: bool, trust_coefficient: float, eps: float, trust_clip: bool, always_adapt: bool,
                 grad_coef: Optional[Tensor] = None, skip: Optional[Tensor] = None,
-                norm_hook: NormHook = None) -> Tensor:
-    """One LARS step of one group. Returns the per-id trust ratios (on device)."""
+                norm_hook: NormHook = None, sums: Optional[Tensor] = None) -> Tensor:
+    """One LARS step of one group. Returns the per-id trust ratios (on device). ``sums``: pass 1's result
+    (:func:`lars_sums`) when the caller has run it already (to see every group's gradient sums before any update)."""
     if momentum == 0:
         dampening = 0.0  # as torch.optim.SGD: without momentum the update is d itself, dampening has no role
-    sums = kernels.lars_phase1(seg, grad_coef=grad_coef, skip=skip)
-    if norm_hook is not None:
-        norm_hook(sums)
-    norms = sums.sqrt()
-    ratio = lars_trust_ratio(norms[:, 1], norms[:, 0], lr=lr, weight_decay=weight_decay, always_adapt=always_adapt,
+    if sums is None:
+        sums = lars_sums(seg, kernels=kernels, grad_coef=grad_coef, skip=skip, norm_hook=norm_hook)
+    grad_norm, param_norm = sums.sqrt().unbind(1)
+    ratio = lars_trust_ratio(param_norm, grad_norm, lr=lr, weight_decay=weight_decay, always_adapt=always_adapt,
                              trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip)
     kernels.lars_phase2(seg, grad_coef=grad_coef, ratio=ratio, lr=lr, weight_decay=weight_decay, momentum=momentum,
                         dampening=dampening, nesterov=nesterov, skip=skip)
     return ratio
+
+
+def lars_sums(seg: Segments, *, kernels, grad_coef: Optional[Tensor] = None, skip: Optional[Tensor] = None,
+              norm_hook: NormHook = None) -> Tensor:
+    """LARS pass 1: per-id ``[sum g^2, sum p^2]`` (all-reduced by ``norm_hook``). Column 0 sums every gradient's
+    squares, so a non-finite gradient anywhere shows in it."""
+    sums = kernels.lars_phase1(seg, grad_coef=grad_coef, skip=skip)
+    if norm_hook is not None:
+        norm_hook(sums)
+    return sums

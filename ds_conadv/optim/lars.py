@@ -30,6 +30,7 @@ class LARS(TrustRatioOptimizer):
     """
 
     _state_names = ("momentum_buffer",)
+    _pass1_sums_grads = True  # skip_nonfinite reads its verdict off pass 1 (base.py): no pass of its own
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, dampening: float = 0.0,
                  weight_decay: float = 1e-4, nesterov: bool = False, trust_coefficient: float = 0.001,
@@ -60,12 +61,15 @@ class LARS(TrustRatioOptimizer):
         if group["trust_clip"] and not hasattr(lr, "item") and lr == 0:
             raise ValueError("trust_clip=True divides by lr: lr must be > 0")
 
-    def _update(self, group, seg, kernels, coef, skip, hook):
+    def _update(self, group, seg, kernels, coef, skip, hook, sums=None):
         return F.lars_update(
             seg, kernels=kernels, lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
             weight_decay=group["weight_decay"], nesterov=group["nesterov"],
             trust_coefficient=group["trust_coefficient"], eps=group["eps"], trust_clip=group["trust_clip"],
-            always_adapt=group["always_adapt"], grad_coef=coef, skip=skip, norm_hook=hook)
+            always_adapt=group["always_adapt"], grad_coef=coef, skip=skip, norm_hook=hook, sums=sums)
+
+    def _pass1(self, seg, kernels):
+        return F.lars_sums(seg, kernels=kernels)
 
 
 _LARS_DEFAULTS = {name: p.default for name, p in inspect.signature(LARS.__init__).parameters.items()

@@ -17,7 +17,8 @@ BN modes of the adversarial forward (``adv.bn``):
 
 Loss scale (``adv.normalize_loss``): the paper's loss is ``clean + adv_weight * adv``, which doubles the
 gradient of every parameter the trust ratio does not rescale (BN, biases: LARS's excluded group) compared with
-the vanilla run whose LR was tuned; ``normalize_loss`` divides by ``1 + adv_weight`` instead.
+the vanilla run whose LR was tuned; ``normalize_loss`` divides by ``1 + adv_weight`` instead (the library's
+``"loss_reduction": "mean"``).
 
 Staleness guard (``adv.guard_drift``): before using a stale example, the relative weight change since it was
 generated, ``sum over the stale steps of ||w_{s+1} - w_s|| / ||w_s||``, is compared with the threshold; above it,
@@ -53,6 +54,8 @@ def adv_config(task: Task, adv: Dict[str, Any]) -> ConAdvConfig:
     """The ConAdvConfig of a spec's ``adv`` section for ``task`` (inputs in [0, 1], or the token embeddings)."""
     data = {k: adv[k] for k in _ADV_KEYS if k in adv}
     data.update(enabled=True, dual_bn=adv.get("bn", "dual") == "dual")
+    if adv.get("normalize_loss"):
+        data["loss_reduction"] = "mean"
     if task.kind == "image":
         data.update(perturb="inputs", input_range=task.input_range)
     else:
@@ -63,22 +66,13 @@ def adv_config(task: Task, adv: Dict[str, Any]) -> ConAdvConfig:
 class StudyTrainer(ConAdvTrainer):
     """ConAdvTrainer with the study's BN modes and the staleness guard."""
 
-    def __init__(self, *args, bn_mode: str = "dual", guard_drift: Optional[float] = None,
-                 normalize_loss: bool = False, **kwargs):
+    def __init__(self, *args, bn_mode: str = "dual", guard_drift: Optional[float] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.bn_mode = bn_mode
-        self.normalize_loss = normalize_loss
         self.guard_drift = guard_drift
         self.drifts: collections.deque = collections.deque(maxlen=64)
         self.guard_counts = {"checked": 0, "regenerated": 0}
         self._params = [p for p in self.model.parameters() if p.requires_grad]
-
-    def backward(self, loss: torch.Tensor) -> None:
-        # normalize_loss: (clean + w * adv) / (1 + w), the gradient scale of a vanilla step, so an LR tuned
-        # without adversarial examples stays valid for the parameters outside the trust ratio
-        if self.normalize_loss and self.last_batch is not None and self.last_batch.x_adv is not None:
-            loss = loss / (1.0 + self.cfg.adv_weight)
-        loss.backward()
 
     def forward_backward(self, x, y, x_adv):
         if x_adv is not None and self.guard_drift is not None and self.last_batch.stale_by:
@@ -100,6 +94,8 @@ class StudyTrainer(ConAdvTrainer):
                 adv_out = adversarial_forward(self.model, x, x_adv, cfg)
         clean_loss, adv_loss = self.loss_fn(clean_out, y), self.loss_fn(adv_out, y)
         loss = clean_loss + cfg.adv_weight * adv_loss
+        if cfg.loss_reduction == "mean":
+            loss = loss / (1.0 + cfg.adv_weight)
         self.backward(loss)
         return {"loss": loss.detach(), "clean_loss": clean_loss.detach(), "adv_loss": adv_loss.detach(),
                 "clean_acc": _accuracy(clean_out, y), "adv_acc": _accuracy(adv_out, y)}
@@ -186,8 +182,7 @@ def run_spec(spec: Dict[str, Any], task: Task, split: str = "val", robustness: b
     warm = int(round(spec.get("warmup_epochs", 0) * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, warm))
     trainer = StudyTrainer(model, opt, cfg=cfg, lr_scheduler=sched, seed=seed, steps_per_epoch=steps_per_epoch,
-                           bn_mode=(adv or {}).get("bn", "dual"), guard_drift=(adv or {}).get("guard_drift"),
-                           normalize_loss=bool((adv or {}).get("normalize_loss", False)))
+                           bn_mode=(adv or {}).get("bn", "dual"), guard_drift=(adv or {}).get("guard_drift"))
     stream = _batches(task.x_train, task.y_train, batch, seed)
     t0 = time.perf_counter()
     diverged = False

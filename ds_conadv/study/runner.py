@@ -1,6 +1,6 @@
 """The reproduction study: which large-batch remedies pay, on tasks with a real large-batch generalisation gap.
 
-``python -m ds_conadv.study`` (or ``benchmarks/reproduce.py``) runs, per task:
+``ds-conadv study`` (also ``python -m ds_conadv.study`` or ``benchmarks/reproduce.py``) runs, per task:
 
 1. **tune** (seed 0, scored on the validation split): the LR of small-batch SGD, large-batch LARS and LAMB;
    then epsilon for DisAdv (tau = 0) and ConAdv (tau = 1) on top of the chosen LARS (tau = 2, 4 reuse tau = 1's);
@@ -476,7 +476,7 @@ def markdown(summary: Dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ds_conadv.study", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="ds-conadv study", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny CI run: asserts the machinery, not the accuracy")
     p.add_argument("--tasks", default=None, help="comma-separated subset of shapes,digits,motifs")
     p.add_argument("--phases", default="tune,final,variants,sweep", help="comma-separated phases to run")

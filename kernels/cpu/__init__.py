@@ -84,7 +84,8 @@ def load():
         try:
             from .._build import load_extension
 
-            _module = load_extension("ds_conadv_cpu_trust_ops", list(_SOURCES), extra_cflags=compile_flags())
+            _module = load_extension("ds_conadv_cpu_trust_ops", list(_SOURCES), extra_cflags=compile_flags(),
+                                     label="the C++ CPU kernels")
         except BaseException as exc:  # noqa: BLE001 - compiler/linker/import errors of any kind
             if isinstance(exc, KeyboardInterrupt):
                 raise

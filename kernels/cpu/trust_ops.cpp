@@ -27,6 +27,7 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/csrc/autograd/python_variable.h>  // THPVariable_Unpack / _Wrap (the step plan's grad check)
 #include <torch/csrc/utils/pybind.h>  // pybind11 + the at::Tensor / std::optional casters
 
 #include <algorithm>
@@ -736,6 +737,62 @@ int64_t plan_mismatch(const std::vector<at::Tensor>& params, const std::vector<c
   return -1;
 }
 
+// A plan's per-step check and grad collection in one call: given the group's params list, its grads when the list
+// holds the very param objects the plan was built with (compared by identity), every param still has the dtype,
+// data pointer and device of plan_meta, and every grad is defined, strided and has its param's dtype, device,
+// sizes and strides; else None (the caller takes its slow path). This replaces `[p.grad for p in params]` and
+// plan_mismatch's conversion of two tensor lists per step.
+class GroupCheck {
+ public:
+  GroupCheck(const pybind11::list& params, const at::Tensor& meta) {
+    const int64_t n = static_cast<int64_t>(pybind11::len(params));
+    TORCH_CHECK(meta.dim() == 2 && meta.size(0) == n && meta.size(1) == 3 && meta.scalar_type() == at::kLong &&
+                    meta.is_contiguous() && meta.device().is_cpu(),
+                "GroupCheck: meta must be plan_meta(params)");
+    objects_.reserve(static_cast<size_t>(n));
+    for (const auto& item : params) {
+      TORCH_CHECK(THPVariable_Check(item.ptr()), "GroupCheck: params must be tensors");
+      objects_.push_back(pybind11::reinterpret_borrow<pybind11::object>(item));
+    }
+    const int64_t* d = meta.data_ptr<int64_t>();
+    meta_.assign(d, d + 3 * n);
+  }
+
+  pybind11::object grads(const pybind11::handle& params) const {
+    PyObject* list = params.ptr();
+    const Py_ssize_t n = static_cast<Py_ssize_t>(objects_.size());
+    if (!PyList_Check(list) || PyList_GET_SIZE(list) != n) return pybind11::none();
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* obj = PyList_GET_ITEM(list, i);
+      if (obj != objects_[static_cast<size_t>(i)].ptr()) return pybind11::none();
+      const at::Tensor& p = THPVariable_Unpack(obj);
+      const int64_t* d = meta_.data() + 3 * i;
+      if (static_cast<int64_t>(p.scalar_type()) != d[0] || reinterpret_cast<int64_t>(p.data_ptr()) != d[1] ||
+          static_cast<int64_t>(p.device().type()) * 65536 + p.device().index() != d[2])
+        return pybind11::none();
+      const at::Tensor& g = p.grad();
+      if (!g.defined() || g.layout() != at::kStrided || g.scalar_type() != p.scalar_type() ||
+          g.device() != p.device() || g.sizes() != p.sizes() || g.strides() != p.strides())
+        return pybind11::none();
+    }
+    PyObject* out = PyList_New(n);
+    if (out == nullptr) throw pybind11::error_already_set();
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* wrapped = THPVariable_Wrap(THPVariable_Unpack(PyList_GET_ITEM(list, i)).grad());
+      if (wrapped == nullptr) {
+        Py_DECREF(out);
+        throw pybind11::error_already_set();
+      }
+      PyList_SET_ITEM(out, i, wrapped);
+    }
+    return pybind11::reinterpret_steal<pybind11::object>(out);
+  }
+
+ private:
+  std::vector<pybind11::object> objects_;
+  std::vector<int64_t> meta_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -748,6 +805,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lars_phase2", &lars_phase2, "LARS pass 2: momentum buffer and param update (+ model copy)");
   m.def("chunk_size", &chunk_size, "elements per work item");
   m.def("plan_meta", &plan_meta, "per param [dtype code, data pointer, device] (int64 [n, 3])");
+  pybind11::class_<GroupCheck>(m, "GroupCheck")
+      .def(pybind11::init<const pybind11::list&, const at::Tensor&>())
+      .def("grads", &GroupCheck::grads, "the grads of params, or None when the plan does not fit");
   m.def("plan_mismatch", &plan_mismatch, "-1 when params match plan_meta and grads match their params, else an index");
 #if defined(__AVX512F__)
   m.attr("isa") = "avx512";

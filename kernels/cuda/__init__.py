@@ -98,7 +98,7 @@ def build(verbose: bool = False):
         with open(os.path.join(HERE, header), "rb") as f:
             h.update(f.read())
     return load_extension(f"{EXT_NAME}_{h.hexdigest()[:8]}", SOURCES, extra_cflags=EXTRA_CFLAGS,
-                          extra_cuda_cflags=EXTRA_CUDA_CFLAGS, verbose=verbose)
+                          extra_cuda_cflags=EXTRA_CUDA_CFLAGS, verbose=verbose, label="the CUDA kernels")
 
 
 def build_at_install(verbose: bool = True) -> bool:

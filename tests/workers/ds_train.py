@@ -2,6 +2,7 @@
 
 Usage: ds_train.py --stage S --optimizer lamb|lars --dtype fp32|bf16 --steps N --out FILE
        [--plain] [--save-at K --ckpt DIR] [--resume DIR] [--detach] [--nan-at K [--no-clip]]
+       [--offload [--sub-group-size N] [--backend NAME]]
 """
 import argparse
 import json
@@ -35,6 +36,9 @@ def main():
                     help="at this step, rank 0 puts one NaN into one element of the last layer's weight gradient "
                          "before the reduction (under ZeRO 1-3 it then sits in one rank's partition only)")
     ap.add_argument("--no-clip", action="store_true", help="no gradient clipping")
+    ap.add_argument("--offload", action="store_true", help='"offload_optimizer": {"device": "cpu"} (ZeRO-Offload)')
+    ap.add_argument("--sub-group-size", type=int, default=None, help="ZeRO-3 sub-group size (elements)")
+    ap.add_argument("--backend", default=None, help="the optimizer's backend instead of the problem's")
     ap.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -44,6 +48,18 @@ def main():
     params = optimizer_params(args.optimizer)
     if args.no_clip:
         params["max_grad_norm"] = None
+    if args.backend:
+        params["backend"] = args.backend
+    ran = set()  # (kernel set, device) of every step: which kernels stepped the (offloaded) partition
+    kernels_of = ds_conadv.optim.TrustRatioOptimizer._kernels
+
+    def _recording_kernels(group, tensors):
+        kernels = kernels_of(group, tensors)
+        if kernels is not None:
+            ran.add((kernels.name, tensors[0].device.type))
+        return kernels
+
+    ds_conadv.optim.TrustRatioOptimizer._kernels = staticmethod(_recording_kernels)
     config = {
         "train_batch_size": GLOBAL_BATCH,
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
@@ -52,6 +68,10 @@ def main():
     }
     if args.dtype == "bf16":
         config["bf16"] = {"enabled": True}
+    if args.offload:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if args.sub_group_size:
+        config["zero_optimization"]["sub_group_size"] = args.sub_group_size
     if args.plain:
         opt_cls = ds_conadv.optim.LAMB if args.optimizer == "lamb" else ds_conadv.optim.LARS
         mgn = params.pop("max_grad_norm")
@@ -60,6 +80,8 @@ def main():
                   else model.parameters())
         optimizer = opt_cls(groups, **params)
         config.update(gradient_clipping=mgn, zero_allow_untested_optimizer=True)
+        if args.offload:  # the documented plain-DeepSpeed route: the user sets DeepSpeed's flag
+            config["zero_force_ds_cpu_optimizer"] = False
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     else:
         config["optimizer"] = {"type": args.optimizer.upper(), "params": params}
@@ -100,7 +122,8 @@ def main():
         full[name] = (value if value is not None else p.detach()).float().reshape(-1).tolist()
     json.dump({"rank": rank, "params": full, "attached": trust._ds_attached,
                "skipped_steps": int(trust.skipped_steps), "engine_skipped_steps": int(engine.skipped_steps),
-               "wrapper": type(engine.optimizer).__name__}, open(f"{args.out}.rank{rank}", "w"))
+               "wrapper": type(engine.optimizer).__name__, "kernels": sorted(map(list, ran)),
+               "force_ds_cpu_optimizer": engine.zero_force_ds_cpu_optimizer()}, open(f"{args.out}.rank{rank}", "w"))
 
 
 if __name__ == "__main__":

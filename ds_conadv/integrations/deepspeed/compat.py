@@ -15,8 +15,12 @@ Everything ds_conadv needs from DeepSpeed beyond its public API is listed here, 
   ``tensor_model_parallel`` marker on split weights (:func:`tensor_parallel_group`, :func:`pipeline_parallel_group`,
   :func:`is_tensor_parallel_param`): without them trust ratios of tensor-parallel weights are per shard and our
   own ``max_grad_norm`` under a pipeline is per stage.
+* ``DeepSpeedEngine.monitor`` (its ``MonitorMaster``) and ``global_samples`` (:func:`engine_monitor`,
+  :func:`global_samples`): where ds_conadv's training metrics go when a ``"tensorboard"``, ``"csv_monitor"``,
+  ``"wandb"`` or ``"comet"`` section is enabled. Without them those metrics are not written: this module warns
+  when a section asks for them (:class:`DeepSpeedCompatWarning`), it is never silent.
 
-:data:`SUPPORTED` is the range declared in the package metadata (``setup.py``'s ``deepspeed`` extra) and tested
+:data:`SUPPORTED` is the range declared in the package metadata (``pyproject.toml``'s ``deepspeed`` extra) and tested
 in CI with its oldest and newest release (``scripts/test_deepspeed_oldest.sh``); :func:`check_version` warns,
 naming what may break, outside it.
 """
@@ -43,6 +47,8 @@ __all__ = [
     "wrapper_kind",
     "WRAPPERS",
     "flat_partitions",
+    "offload_device",
+    "check_zero3_offload",
     "hp_fragment",
     "find_wrapper",
     "hook_backward_epilogue",
@@ -51,9 +57,13 @@ __all__ = [
     "is_tensor_parallel_param",
     "tensor_parallel_group",
     "pipeline_parallel_group",
+    "MONITOR_SECTIONS",
+    "monitor_requested",
+    "engine_monitor",
+    "global_samples",
 ]
 
-#: the DeepSpeed releases this module is written and tested against (``setup.py`` declares the same range)
+#: the DeepSpeed releases this module is written and tested against (``pyproject.toml`` declares the same range)
 MIN_VERSION = "0.16.9"
 MAX_VERSION = "0.20"  # exclusive
 SUPPORTED = f">={MIN_VERSION},<{MAX_VERSION}"
@@ -62,9 +72,11 @@ SUPPORTED = f">={MIN_VERSION},<{MAX_VERSION}"
 PRIVATE_USES = (
     "DeepSpeedEngine._backward_epilogue (ConAdv generation starts when the gradient reduction starts)",
     "ZeRO 1/2/3, FP16_Optimizer and BF16_Optimizer flat partitions and _hp_mapping (exact LAMB/LARS trust ratios)",
+    "ZeRO's offload flags cpu_offload, offload_optimizer, swap_optimizer, partial_offload (ZeRO-Offload)",
     "WarmupDecayLR._get_gamma (WarmupPolyDecayLR)",
     "deepspeed.ops.__compatible_ops__ (skip the shm op's JIT build on CPU)",
     "the engine's and wrappers' mpu and the tensor_model_parallel marker (tensor and pipeline parallelism)",
+    "DeepSpeedEngine.monitor and global_samples (ds_conadv's metrics in TensorBoard / CSV / W&B)",
 )
 
 
@@ -336,13 +348,43 @@ def flat_partitions(wrapper: Any) -> List[Tuple[Any, List[Any], Any]]:
     raise ValueError(f"flat_partitions: not a stage-1/2, bf16 or fp16 wrapper: {type(wrapper).__name__}")
 
 
-def zero3_partitions(wrapper: Any) -> Tuple[List[Tuple[Any, List[Tuple[int, int]]]], Any]:
-    """ZeRO 3: (per sub-group ``(flat fp32 partition, [(partition_numel, ds_numel) per param])``, process group)."""
-    if getattr(wrapper, "offload_optimizer", False):
+def offload_device(wrapper: Any) -> Optional[str]:
+    """``"cpu"`` or ``"nvme"`` when a ZeRO wrapper keeps the fp32 partition and optimizer state off the
+    accelerator (``"offload_optimizer"``), else None."""
+    kind = wrapper_kind(wrapper)
+    if kind == "zero12":
+        return "cpu" if getattr(wrapper, "cpu_offload", False) else None
+    if kind == "zero3" and getattr(wrapper, "offload_optimizer", False):
+        return "nvme" if getattr(wrapper, "swap_optimizer", False) else "cpu"
+    return None
+
+
+def check_zero3_offload(wrapper: Any) -> None:
+    """ZeRO 3 with ``"offload_optimizer"`` steps every sub-group on our optimizer when the whole partition is
+    offloaded to CPU memory; the other two layouts are refused, with the reason."""
+    if offload_device(wrapper) == "nvme":
         raise NotImplementedError(
-            "ds_conadv LAMB/LARS under ZeRO stage 3 with optimizer offload is not supported "
-            "(its sub-groups step on a backup optimizer); use it without offload_optimizer"
+            'ds_conadv LAMB/LARS under ZeRO stage 3 with "offload_optimizer": {"device": "nvme"} is not supported: '
+            "DeepSpeed swaps each sub-group's fp32 partition and optimizer state in and out of NVMe buffers around "
+            'its step, and the step\'s cached segment views would not follow them; use "device": "cpu"'
         )
+    ratio = getattr(wrapper, "partial_offload", None)
+    ratio = 1.0 if ratio is None else float(ratio)
+    if ratio != 1.0:
+        raise NotImplementedError(
+            f'ds_conadv LAMB/LARS under ZeRO stage 3 with "offload_optimizer.ratio" = {ratio} is not supported: '
+            "DeepSpeed steps the sub-groups it keeps on the accelerator with its own AdamW backup optimizer, not "
+            "with ours; use ratio 1.0 (the whole partition on CPU, stepped by the fused C++ kernels)"
+        )
+
+
+def zero3_partitions(wrapper: Any) -> Tuple[List[Tuple[Any, List[Tuple[int, int]]]], Any]:
+    """ZeRO 3: (per sub-group ``(flat fp32 partition, [(partition_numel, ds_numel) per param])``, process group).
+
+    DeepSpeed cuts sub-groups at parameter boundaries, so every parameter's pieces sit in one sub-group and a
+    sub-group's step (with offload: one call of our optimizer per sub-group) sees whole-tensor norms after the
+    all-reduce."""
+    check_zero3_offload(wrapper)
     groups = []
     for sub_group, flat in zip(_require(wrapper, "fp16_groups"), _require(wrapper, "fp32_partitioned_groups_flat")):
         groups.append((flat, [(int(p.partition_numel()), int(p.ds_numel)) for p in sub_group]))
@@ -506,3 +548,40 @@ def default_gradient_clipping() -> float:
     from deepspeed.runtime import constants
 
     return float(constants.GRADIENT_CLIPPING_DEFAULT)
+# the engine's monitor (TensorBoard, CSV, W&B, Comet): where ds_conadv's training metrics go
+# ----------------------------------------------------------------------------------------------------------
+#: DeepSpeed's config sections that enable its ``MonitorMaster``
+MONITOR_SECTIONS = ("tensorboard", "csv_monitor", "wandb", "comet")
+
+
+def monitor_requested(config: Any) -> bool:
+    """Whether a DeepSpeed config dict enables one of :data:`MONITOR_SECTIONS`."""
+    if not isinstance(config, dict):
+        return False
+    return any(isinstance(config.get(name), dict) and bool(config[name].get("enabled")) for name in MONITOR_SECTIONS)
+
+
+def engine_monitor(engine: Any) -> Optional[Any]:
+    """The engine's ``MonitorMaster`` when a monitor section is enabled and this is the rank that writes (rank 0,
+    as DeepSpeed's own events); None otherwise. When this DeepSpeed's engine has no ``monitor`` with
+    ``write_events`` or no ``global_samples`` (the x-axis) but its config enables a section, it warns
+    (:class:`DeepSpeedCompatWarning`) that ds_conadv's metrics are not written, and returns None."""
+    monitor = getattr(engine, "monitor", None)
+    if monitor is None or not callable(getattr(monitor, "write_events", None)) or not hasattr(engine, "global_samples"):
+        if monitor_requested(getattr(engine, "config", None)):
+            warnings.warn(
+                f"DeepSpeed {_installed_version()}'s engine has no monitor.write_events or global_samples "
+                f"(ds_conadv supports {SUPPORTED}): ds_conadv's training metrics (loss, accuracies, ConAdv, ABSA, "
+                "trust ratios) are not written to the enabled TensorBoard / CSV / W&B sections",
+                DeepSpeedCompatWarning,
+                stacklevel=2,
+            )
+        return None
+    if not getattr(monitor, "enabled", False) or int(getattr(engine, "global_rank", 0) or 0) != 0:
+        return None
+    return monitor
+
+
+def global_samples(engine: Any) -> int:
+    """The samples trained so far, all ranks together: the x-axis of DeepSpeed's ``Train/Samples/...`` events."""
+    return int(engine.global_samples)

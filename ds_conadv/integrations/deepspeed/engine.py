@@ -23,11 +23,12 @@ after the backward (no overlap; documented, not hidden).
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ from ds_conadv.conadv.trainer import ConAdvTrainer
 from ds_conadv.config.sections import ConAdvConfig, ConfigError
 
 from . import compat
+from .monitor import MetricsWriter, detach_step_metrics
 
 __all__ = ["EngineWrapper", "DeepSpeedConAdvEngine", "DeepSpeedABSAEngine"]
 
@@ -55,6 +57,8 @@ class EngineWrapper:
             raise TypeError(f"{type(ds_engine).__name__} already wraps a DeepSpeed engine: pass the DeepSpeed engine "
                             "itself (ConAdv's engine and ABSA do not combine)")
         self.ds = ds_engine
+        detach_step_metrics(ds_engine)  # this engine writes its own metrics (monitor sections)
+        self.metrics_writer = MetricsWriter(ds_engine)
 
     @property
     def wrapped_engine(self) -> Any:
@@ -90,10 +94,11 @@ class DeepSpeedConAdvEngine(EngineWrapper, ConAdvTrainer):
     """``ds_conadv.initialize`` returns this when the config has a ``"conadv"`` section.
 
     ``engine.train_batch(data_iter)`` runs one *global* step: ``gradient_accumulation_steps`` micro-batches pulled
-    from ``data_iter`` (τ counts micro-batches), each with its clean+adversarial loss, and one optimizer step at
-    the boundary. Everything else (``engine(x)``, ``backward``, ``step``, ``save_checkpoint``, ``module``, ...) is
-    the DeepSpeed engine's, so the object is a drop-in for it. ``enabled: false`` gives vanilla DeepSpeed training.
-    """
+    from ``data_iter`` (τ counts optimizer steps; ``steps_per_epoch`` counts micro-batches), each with its
+    clean+adversarial loss, and one optimizer step at the boundary. Everything else (``engine(x)``, ``backward``,
+    ``step``, ``save_checkpoint``, ``module``, ...) is the DeepSpeed engine's, so the object is a drop-in for it.
+    ``enabled: false`` gives vanilla DeepSpeed training.
+"""
 
     GENERATION_STARTS = ("reduction", "backward")
 
@@ -128,6 +133,8 @@ class DeepSpeedConAdvEngine(EngineWrapper, ConAdvTrainer):
         self._pending: Optional[Future] = None
         self._stream = torch.cuda.Stream(device=ds_engine.device) if ds_engine.device.type == "cuda" else None
         self.last_timings: Dict[str, float] = {}
+        self._generating_ahead = False
+        self._sync_generation_s = 0.0
         # set by the worker when the backward compute is over (DeepSpeed's epilogue = the reduction begins)
         self._reduction_started = threading.Event()
         self._reduction_started.set()
@@ -174,7 +181,23 @@ class DeepSpeedConAdvEngine(EngineWrapper, ConAdvTrainer):
         finally:
             self._reduction_started.set()  # never leave the generation waiting (errors, no epilogue)
 
+    def generate(self, x: Any, y: Any, generator: Optional[torch.Generator] = None) -> Any:
+        if self._generating_ahead:
+            return super().generate(x, y, generator)
+        t = time.perf_counter()  # a synchronous generation (start-up, DisAdv, a gap): all of it exposed
+        try:
+            return super().generate(x, y, generator)
+        finally:
+            self._sync_generation_s += time.perf_counter() - t
+
     def generate_next(self) -> int:
+        self._generating_ahead = True
+        try:
+            return self._generate_next()
+        finally:
+            self._generating_ahead = False
+
+    def _generate_next(self) -> int:
         if self.generation_start == "reduction" and self._pending is not None:
             t = time.perf_counter()
             self._reduction_started.wait()
@@ -199,15 +222,62 @@ class DeepSpeedConAdvEngine(EngineWrapper, ConAdvTrainer):
 
     def train_batch(self, data_iter) -> Dict[str, Any]:
         """One global step (``gradient_accumulation_steps`` micro-batches); returns the last micro-batch's
-        metrics with ``loss`` averaged over the micro-batches."""
+        metrics with ``loss`` averaged over the micro-batches, ``global_step``, and over the step's micro-batches
+        ``time_generation`` (wall seconds of the generation passes, look-ahead and synchronous) and
+        ``exposed_fraction`` (the share of it not hidden behind the gradient reduction; None without a
+        generation; see :meth:`_generation_timing`)."""
         gas = self.ds.gradient_accumulation_steps()
         losses = []
+        generation = exposed = 0.0
+        self.metrics_writer.begin_step()
         for _ in range(gas):
+            self.last_timings.pop("reduction", None)
+            self.last_timings.pop("wait_backward_compute", None)
+            self._sync_generation_s = 0.0
             metrics = super().train_batch(data_iter)
             losses.append(metrics["loss"])
+            spent, hidden = self._generation_timing(metrics)
+            generation += spent
+            exposed += spent - hidden
         metrics["loss"] = sum(losses) / len(losses)
         metrics["global_step"] = self.ds.global_steps
+        metrics["time_generation"] = generation
+        metrics["exposed_fraction"] = exposed / generation if generation > 0 else None
+        if self.metrics_writer.active:
+            self._write_metrics(metrics)
         return metrics
+
+    def _generation_timing(self, metrics: Dict[str, Any]) -> Tuple[float, float]:
+        """(generation seconds, seconds of it hidden) of one micro-batch. The look-ahead pass starts when the
+        reduction starts and is hidden for as long as the reduction lasted (DeepSpeed's backward epilogue on the
+        worker thread); a synchronous generation (start-up, DisAdv, no overlap) is hidden not at all. The estimate
+        cannot see how much the generation slows the reduction running beside it: benchmarks/conadv_overlap.py
+        measures that against a run without generation."""
+        now = self._sync_generation_s
+        ahead = 0.0
+        if metrics["generated_ahead"]:
+            waited = self.last_timings.get("wait_backward_compute", 0.0)  # for the backward compute, not generating
+            ahead = max(0.0, float(metrics["time_generate_ahead"]) - waited)
+        hidden = min(ahead, self.last_timings.get("reduction", 0.0)) if self.overlap else 0.0
+        return now + ahead, hidden
+
+    def _write_metrics(self, metrics: Dict[str, Any]) -> None:
+        adversarial = bool(metrics["adversarial"])
+        clean = not adversarial or self.cfg.loss_mode == "clean+adv"
+
+        def known(key: str, computed: bool) -> Optional[float]:
+            value = metrics.get(key)
+            return None if not computed or value is None or math.isnan(value) else float(value)
+
+        generation = metrics["time_generation"]
+        self.metrics_writer.write_step({
+            "train_loss": metrics["loss"],
+            "train_clean_loss": known("clean_loss", clean), "train_adv_loss": known("adv_loss", adversarial),
+            "train_clean_acc": known("clean_acc", clean), "train_adv_acc": known("adv_acc", adversarial),
+            "conadv_generation_time_ms": generation * 1e3 if generation > 0 else None,
+            "conadv_exposed_fraction": metrics["exposed_fraction"],
+            "conadv_stale_by": metrics["stale_by"],
+        })
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None,
@@ -285,6 +355,25 @@ class DeepSpeedABSAEngine(EngineWrapper, ABSADriver):
         if self._managed or last:  # unmanaged accumulation: step() is the boundary
             self.ds.step()
         return loss
+
+    def train_batch(self, data_iter: Iterator) -> Dict[str, Any]:
+        self.metrics_writer.begin_step()
+        metrics = super().train_batch(data_iter)
+        if self.metrics_writer.active:
+            self.metrics_writer.write_step({
+                "train_loss": metrics["loss"], "absa_global_batch": metrics["global_batch"], "absa_lr": metrics["lr"],
+                "absa_adv_ratio": self.adv_ratio if self.attack is not None else 0.0})
+        return metrics
+
+    train_batch.__doc__ = ABSADriver.train_batch.__doc__
+
+    def end_epoch(self, epoch: Optional[int] = None) -> Dict[str, Any]:
+        row = super().end_epoch(epoch)
+        if row["eigenvalue"] is not None:
+            self.metrics_writer.write({"absa_eigenvalue": row["eigenvalue"]})
+        return row
+
+    end_epoch.__doc__ = ABSADriver.end_epoch.__doc__
 
     def _hessian_model(self) -> Any:
         return self.ds  # the Hessian sums over the engine's data-parallel group

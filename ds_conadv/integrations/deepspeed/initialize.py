@@ -4,7 +4,9 @@ It reads the DeepSpeed config (path, dict, or ``args.deepspeed_config``), builds
 "LARS"}`` and every ``"scheduler"`` with the one builder and factory of :mod:`ds_conadv.config.builders` (DeepSpeed's
 own optimizer types pass through unchanged), validates our ``"conadv"`` and ``"absa"`` sections, and after
 DeepSpeed has wrapped the optimizer, calls :func:`~.zero_layout.attach` so trust ratios are exact under ZeRO. With
-a ``"conadv"`` or enabled ``"absa"`` section it returns the matching engine (:mod:`.engine`).
+a ``"conadv"`` or enabled ``"absa"`` section it returns the matching engine (:mod:`.engine`). With a
+``"tensorboard"``, ``"csv_monitor"`` or ``"wandb"`` section enabled, every engine it returns writes its training
+metrics through DeepSpeed's monitor next to DeepSpeed's own (:mod:`.monitor`).
 
 Gradient clipping: one clipping, done by DeepSpeed. Our ``max_grad_norm`` and DeepSpeed's
 ``"gradient_clipping"`` are the same knob: give either (both only if equal). DeepSpeed computes the global
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 from typing import Any, Dict, Optional
 
@@ -73,6 +76,44 @@ def _strip_own_clipping(optimizer: TrustRatioOptimizer) -> Optional[float]:
     for g in optimizer.param_groups:
         g["max_grad_norm"] = None
     return values.pop() if values else None
+
+
+#: the backends that step tensors in CPU memory (ZeRO-Offload's partition); "auto" picks the fused C++ kernels
+_CPU_BACKENDS = ("auto", "cpp", "foreach", "reference")
+
+
+def _offload_for_trust_optimizer(cfg: Dict[str, Any], backends: Any) -> Optional[str]:
+    """ZeRO-Offload with our LAMB/LARS: its step runs on the CPU copy of the partition, with the fused C++ kernels
+    (backend "auto" or "cpp"). DeepSpeed refuses any optimizer but its own CPU ones there unless
+    ``"zero_force_ds_cpu_optimizer"`` is false (it knows no fused CPU LAMB/LARS): set it. Returns the offload
+    device, or None without offload."""
+    zero = cfg.get("zero_optimization")
+    if not isinstance(zero, dict) or not isinstance(zero.get("offload_optimizer"), dict):
+        return None
+    section: Dict[str, Any] = zero["offload_optimizer"]
+    device = section.get("device")
+    if device not in ("cpu", "nvme"):
+        return None
+    stage = zero.get("stage", 0)
+    if device == "nvme":
+        raise ConfigError('"zero_optimization.offload_optimizer.device" = "nvme" with LAMB/LARS is not supported: '
+                          "DeepSpeed swaps each sub-group's fp32 partition and optimizer state in and out of NVMe "
+                          'buffers around its step; use "cpu"')
+    ratio = section.get("ratio", 1.0)
+    if stage == 3 and ratio != 1.0:
+        raise ConfigError(f'"zero_optimization.offload_optimizer.ratio" = {ratio} with LAMB/LARS is not supported: '
+                          "DeepSpeed steps the sub-groups it keeps on the accelerator with its own AdamW backup "
+                          "optimizer; use 1.0")
+    wrong = sorted(set(backends) - set(_CPU_BACKENDS))
+    if wrong:
+        raise ConfigError(f'"optimizer.params.backend" = {wrong[0]!r} cannot step ZeRO-Offload\'s partition, which '
+                          f"lives in CPU memory; allowed: {', '.join(_CPU_BACKENDS)} (auto: the fused C++ CPU kernels)")
+    if cfg.get("zero_force_ds_cpu_optimizer") is True:
+        raise ConfigError('"zero_force_ds_cpu_optimizer": true refuses every optimizer but DeepSpeed\'s own CPU ones '
+                          "under ZeRO-Offload; ds_conadv's LAMB/LARS step the offloaded partition with fused C++ "
+                          "kernels: remove the key or set it false")
+    cfg["zero_force_ds_cpu_optimizer"] = False
+    return device
 
 
 def _check_absa(section, cfg: Dict[str, Any], conadv: ConAdvConfig):
@@ -142,9 +183,10 @@ def validate_config(config) -> Dict[str, Any]:
     spec = optimizer_spec(cfg.get("optimizer"))
     if spec is not None:  # ours (DeepSpeed's own types pass through)
         _reconcile_clipping(cfg, spec.max_grad_norm)
-        spec.cls([torch.zeros(1, requires_grad=True)], **spec.kwargs)  # the optimizer's own type/range checks
+        probe = spec.cls([torch.zeros(1, requires_grad=True)], **spec.kwargs)  # its own type/range checks
         del cfg["optimizer"]
         cfg.setdefault("zero_allow_untested_optimizer", True)
+        _offload_for_trust_optimizer(cfg, [g["backend"] for g in probe.param_groups])
     if isinstance(cfg.get("scheduler"), dict):
         scheduler_factory(cfg.pop("scheduler"), total_steps=1)  # built by our factory (every type)
     compat.check_config(cfg)  # DeepSpeed's sections, unknown top-level keys, gradient_clipping: one line each
@@ -204,7 +246,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
 
     With a ``"conadv"`` section the engine returned is a :class:`DeepSpeedConAdvEngine` (a drop-in for the
     DeepSpeed engine with ``train_batch(data_iter)``); extra keywords for it: ``loss_fn`` (default cross-entropy),
-    ``conadv_seed``, ``steps_per_epoch`` (for the adversarial epoch window).
+    ``conadv_seed``, ``steps_per_epoch`` (micro-batches per epoch, for the adversarial epoch window).
 
     With ``"absa": {"enabled": true}`` it is a :class:`~ds_conadv.integrations.deepspeed.engine.DeepSpeedABSAEngine`
     instead (also a
@@ -262,7 +304,19 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         _pipeline_clipping_in_optimizer(model, cfg, optimizer)
         if cfg.get("zero_optimization", {}).get("stage", 0):
             cfg.setdefault("zero_allow_untested_optimizer", True)
+        offload = _offload_for_trust_optimizer(cfg, [g["backend"] for g in optimizer.param_groups])
+        if offload is not None:
+            from deepspeed.utils import log_dist
 
+            # at warning level: DeepSpeed 0.19 shows only warnings by default, and a changed setting must be seen
+            log_dist(f"ds_conadv: ZeRO-Offload ({offload}) steps {type(optimizer).__name__} with ds_conadv's fused "
+                     'CPU kernels; "zero_force_ds_cpu_optimizer": false set for DeepSpeed', ranks=[0],
+                     level=logging.WARNING)
+
+    if not torch.distributed.is_initialized():
+        # DeepSpeed's communication start-up would JIT-build its inference-only shm all-reduce op on CPU (minutes,
+        # once); training never uses it (DeepSpeed's inference all-reduce falls back to the process group)
+        compat.skip_shm_op_build()
     engine, opt, loader, sched = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
@@ -278,4 +332,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         from .engine import DeepSpeedConAdvEngine
 
         engine = DeepSpeedConAdvEngine(engine, conadv, loss_fn, seed=conadv_seed, steps_per_epoch=steps_per_epoch)
+    else:  # with an enabled monitor section: the loss, skips and trust ratios next to DeepSpeed's own lr
+        from .monitor import attach_step_metrics
+
+        attach_step_metrics(engine)
     return engine, opt, loader, sched

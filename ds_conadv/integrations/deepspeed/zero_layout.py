@@ -50,9 +50,19 @@ _find_trust_optimizer = find_trust_optimizer  # the old private name (test worke
 
 def _all_reduce_hook(process_group: Any) -> Callable[[torch.Tensor], None]:
     from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
 
     def hook(sums: torch.Tensor) -> None:
-        dist.all_reduce(sums, group=process_group)
+        if sums.device.type == "cpu" and accelerator.device_name() != "cpu":
+            # ZeRO-Offload on an accelerator: the partition (and so the sums) lives in CPU memory, and NCCL
+            # reduces device tensors only
+            on_device = sums.to(accelerator.current_device_name())
+            dist.all_reduce(on_device, group=process_group)
+            sums.copy_(on_device)
+        else:
+            dist.all_reduce(sums, group=process_group)
 
     return hook
 

@@ -1,5 +1,5 @@
 """The one place that touches Horovod's private internals, with the Horovod versions this integration is written
-and tested against (``setup.py``'s ``horovod`` extra).
+and tested against (``pyproject.toml``'s ``horovod`` extra).
 
 * :func:`repoint_scheduler` (from :mod:`ds_conadv.torch_compat`, which owns torch's private ``step`` patch) points
   an LR scheduler at the optimizer that ``hvd.DistributedOptimizer`` rebuilt;
