@@ -476,12 +476,14 @@ class TrustRatioOptimizer(Optimizer):
     def _checks_in_pass1(self, collected) -> bool:
         """Whether skip_nonfinite can take its verdict from pass 1 (LARS: pass 1 sums every gradient's squares and
         writes nothing) instead of a pass of its own: the check is all that needs a gradient norm (no clipping, no
-        GradScaler), no segment layout (its all-reduce would have to run for empty groups too), CPU params (the
-        verdict is read on the host)."""
+        GradScaler), no segment layout (its all-reduce would have to run for empty groups too), no sharded param
+        or pipeline-stage norm (their sums are completed over other ranks), CPU params (the verdict is read on the
+        host)."""
         if (not getattr(self, "_pass1_sums_grads", False) or self._layouts or getattr(self, "found_inf", None)
                 is not None or getattr(self, "grad_scale", None) is not None or self._max_grad_norm() is not None
                 or not self._global_setting("skip_nonfinite") or self._global_norm_hook is not None
-                or _sharding.any_marked()):
+                or (_sharding.any_marked() and any(self._sharded_norms(g, None) is not None
+                                                   for g in self.param_groups))):
             return False
         return all(c[0][0].device.type == "cpu" for c in collected if c[0])
 

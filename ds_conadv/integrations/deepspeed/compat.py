@@ -548,6 +548,8 @@ def default_gradient_clipping() -> float:
     from deepspeed.runtime import constants
 
     return float(constants.GRADIENT_CLIPPING_DEFAULT)
+
+
 # the engine's monitor (TensorBoard, CSV, W&B, Comet): where ds_conadv's training metrics go
 # ----------------------------------------------------------------------------------------------------------
 #: DeepSpeed's config sections that enable its ``MonitorMaster``
