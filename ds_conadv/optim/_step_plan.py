@@ -186,6 +186,11 @@ class _LayoutCut:
                  "positions", "step_index", "grads_key", "seg_grads", "keep", "seg_ids")
 
 
+def cut_fragments(tensors, fragments):
+    """The fragment views of a group's (flat) tensors, in segment order."""
+    return _cut(tensors, fragments)
+
+
 def _cut(tensors, fragments):
     out = []
     for k, frags in enumerate(fragments):

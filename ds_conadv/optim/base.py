@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from itertools import repeat
 from operator import is_not
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -14,7 +14,9 @@ from torch.optim import Optimizer
 from ds_conadv._registry import wrapper_resolvers
 
 from . import functional as F
+from . import sharding as _sharding
 from ._step_plan import collect as _collect_planned
+from ._step_plan import cut_fragments as _cut_fragments
 from ._step_plan import layout_segments as _layout_segments
 from .backends import check_backend_name, get_kernels
 
@@ -29,11 +31,14 @@ class SegmentLayout:
     ``fragments[k] = [(offset, numel, norm_id), ...]`` for the k-th param of the group: that param is viewed
     as a flat tensor and each fragment is one segment. ``norm_hook`` (e.g. an all-reduce over data-parallel
     ranks) receives the ``[num_ids, 2]`` partial sums of squares in place before the trust ratios are taken.
+    ``shard_groups`` (tensor parallelism, :mod:`ds_conadv.optim.sharding`): per norm id, the shard marker of the
+    original param (:func:`~ds_conadv.optim.sharding.groups_of`) or None for a replicated one.
     """
 
     fragments: List[List[tuple]]
     num_ids: int
     norm_hook: Optional[Callable[[Tensor], None]] = None
+    shard_groups: Optional[List[Any]] = None
     _ids_cache: Optional[tuple] = None
 
     def device_ids(self, ids: List[int], device: torch.device) -> Tensor:
@@ -112,6 +117,7 @@ class TrustRatioOptimizer(Optimizer):
         self._layouts: Dict[int, tuple] = {}  # id(first param) -> (param, layout)
         self._own_params = {id(p) for g in self.param_groups for p in g["params"]}
         self._ds_attached = False
+        self._global_norm_hook: Optional[Callable[[Tensor], None]] = None
 
     # -- copy / pickle -------------------------------------------------------------------------------------
     def __getstate__(self):
@@ -337,16 +343,27 @@ class TrustRatioOptimizer(Optimizer):
                 layout = self._layout_of(group)
                 if not grads and layout is None:
                     continue
-                if grads:
+                shard = self._sharded_norms(group, layout)
+                if shard is not None:  # tensor parallelism: per bucket (replicated, each shard group)
+                    part = self._sharded_grad_sumsq(kernels, grads, layout, shard, group["params"][0].device)
+                elif grads:
                     part = F.grad_sumsq(kernels, grads)
                 else:  # this rank owns no gradient of the group, but the ranks that do sum with it
                     part = torch.zeros((), dtype=torch.float32, device=group["params"][0].device)
                 if layout is not None and layout.norm_hook is not None:
-                    part = part.reshape(1, 1).clone()
+                    shape = part.shape
+                    part = part.reshape(-1, 1).clone()
                     layout.norm_hook(part)
-                    part = part.reshape(())
+                    part = part.reshape(shape)
+                if shard is not None:
+                    part = shard.total(part)
                 device = device or part.device
                 total = part if total is None else total + part.to(device)
+            if self._global_norm_hook is not None:  # e.g. pipeline stages: the other layers' gradients
+                total = torch.zeros(1, device=device) if total is None else total.reshape(1).clone()
+                self._global_norm_hook(total)
+                total = total.reshape(())
+                device = total.device
             if total is not None and coef is None and max_grad_norm is None and device.type == "cpu":
                 # only the finiteness check: on CPU a host read is free, and a finite step then carries no flag
                 # (no flag ops in the rest of the step)
@@ -365,6 +382,47 @@ class TrustRatioOptimizer(Optimizer):
         if skip is not None and skip.device.type == "cpu" and not skip.item():
             skip = None  # (GradScaler or clipping on CPU): a step that is applied needs no flag
         return coef, skip
+
+    def _sharded_norms(self, group: dict, layout: Optional[SegmentLayout]) -> Optional[_sharding.ShardedNorms]:
+        """Which norm ids of a group are shards of tensors split over a process group (tensor parallelism), built
+        once per parameter set or layout; None when none is (the usual case costs one check)."""
+        if layout is not None:
+            if layout.shard_groups is None:
+                return None
+            key: Any = ("layout", id(layout))
+            members: Any = layout
+        else:
+            if not _sharding.any_marked():
+                return None
+            members = [p for p in group["params"] if p.grad is not None]  # the norm ids of the step
+            key = tuple(map(id, members))
+        cache = self.__dict__.setdefault("_sharded_norms_cache", {})
+        entry = cache.get(key)
+        generation = _sharding.generation()
+        if entry is not None and entry[0] is layout and entry[2] == generation:
+            return entry[1]
+        shards = layout.shard_groups if layout is not None else _sharding.groups_of(members)
+        norms = None if shards is None or not any(s is not None for s in shards) else _sharding.ShardedNorms(shards)
+        if len(cache) >= 16:
+            cache.clear()
+        cache[key] = (layout, norms, generation)
+        return norms
+
+    @staticmethod
+    def _sharded_grad_sumsq(kernels, grads, layout: Optional[SegmentLayout], shard: _sharding.ShardedNorms,
+                            device) -> Tensor:
+        """``[1 + K]`` local sums of squared gradients: replicated params, then each shard group's."""
+        dtype = torch.float64 if grads and grads[0].dtype == torch.float64 else torch.float32
+        if not grads:
+            return torch.zeros(shard.num_buckets, dtype=dtype, device=device)
+        if layout is None:
+            tensors, ids = list(grads), list(range(len(grads)))
+        else:
+            tensors = _cut_fragments(grads, layout.fragments)
+            ids = [norm_id for frags in layout.fragments for _, _, norm_id in frags]
+        if not tensors:
+            return torch.zeros(shard.num_buckets, dtype=dtype, device=device)
+        return kernels.sumsq(tensors, shard.buckets(ids, tensors[0].device), shard.num_buckets, None, dtype)
 
     def _layout_of(self, group: dict) -> Optional[SegmentLayout]:
         entry = self._layouts.get(id(group["params"][0])) if group["params"] else None
@@ -404,6 +462,9 @@ class TrustRatioOptimizer(Optimizer):
             else:  # a list of 0-d device tensors: the single-tensor-scalar overload syncs on CUDA
                 torch._foreach_add_(steps, [increment] * len(steps))
             seg, hook = self._segments(index, group, params, grads, states, models, steps)
+            shard = self._sharded_norms(group, self._layout_of(group))
+            if shard is not None:  # tensor parallelism: complete the shards' sums over their groups
+                hook = shard.compose(hook)
             self.trust_ratios.append(self._update(group, seg, kernels, g_coef, g_skip, hook))
             if self.collect_trust_ratio_stats:
                 self._record_trust_ratio_stats(group, self.trust_ratios[-1], g_skip)
@@ -415,11 +476,14 @@ class TrustRatioOptimizer(Optimizer):
     def _checks_in_pass1(self, collected) -> bool:
         """Whether skip_nonfinite can take its verdict from pass 1 (LARS: pass 1 sums every gradient's squares and
         writes nothing) instead of a pass of its own: the check is all that needs a gradient norm (no clipping, no
-        GradScaler), no segment layout (its all-reduce would have to run for empty groups too), CPU params (the
-        verdict is read on the host)."""
+        GradScaler), no segment layout (its all-reduce would have to run for empty groups too), no sharded param
+        or pipeline-stage norm (their sums are completed over other ranks), CPU params (the verdict is read on the
+        host)."""
         if (not getattr(self, "_pass1_sums_grads", False) or self._layouts or getattr(self, "found_inf", None)
                 is not None or getattr(self, "grad_scale", None) is not None or self._max_grad_norm() is not None
-                or not self._global_setting("skip_nonfinite")):
+                or not self._global_setting("skip_nonfinite") or self._global_norm_hook is not None
+                or (_sharding.any_marked() and any(self._sharded_norms(g, None) is not None
+                                                   for g in self.param_groups))):
             return False
         return all(c[0][0].device.type == "cpu" for c in collected if c[0])
 
@@ -485,6 +549,11 @@ class TrustRatioOptimizer(Optimizer):
             "such as DeepSpeed ZeRO?): trust ratios would be taken over flat slices. Call "
             "ds_conadv.integrations.deepspeed.attach(engine) after deepspeed.initialize, or use "
             "ds_conadv.initialize.")
+
+    def set_global_norm_hook(self, hook: Optional[Callable[[Tensor], None]]) -> None:
+        """``hook`` completes the global sum of squared gradients (``max_grad_norm``, the inf/NaN check) in place,
+        e.g. an all-reduce over pipeline stages, which hold the other layers (set by the DeepSpeed integration)."""
+        self._global_norm_hook = hook
 
     def mark_attached(self) -> None:
         """Called by an integration once it has given this optimizer the segment layouts of the wrapper that

@@ -11,6 +11,10 @@ Everything ds_conadv needs from DeepSpeed beyond its public API is listed here, 
 * ``WarmupDecayLR._get_gamma`` (:func:`check_scheduler_hook`): ``WarmupPolyDecayLR`` raises its decay to a power;
 * ``deepspeed.ops.__compatible_ops__`` (:func:`skip_shm_op_build`): keeps DeepSpeed from JIT-building an
   inference-only op at the first multi-rank start on CPU (a start-up cost only);
+* the engine's and the wrappers' model-parallel unit (``mpu``) and the
+  ``tensor_model_parallel`` marker on split weights (:func:`tensor_parallel_group`, :func:`pipeline_parallel_group`,
+  :func:`is_tensor_parallel_param`): without them trust ratios of tensor-parallel weights are per shard and our
+  own ``max_grad_norm`` under a pipeline is per stage.
 * ``DeepSpeedEngine.monitor`` (its ``MonitorMaster``) and ``global_samples`` (:func:`engine_monitor`,
   :func:`global_samples`): where ds_conadv's training metrics go when a ``"tensorboard"``, ``"csv_monitor"``,
   ``"wandb"`` or ``"comet"`` section is enabled. Without them those metrics are not written: this module warns
@@ -50,6 +54,9 @@ __all__ = [
     "hook_backward_epilogue",
     "has_backward_epilogue",
     "check_scheduler_hook",
+    "is_tensor_parallel_param",
+    "tensor_parallel_group",
+    "pipeline_parallel_group",
     "MONITOR_SECTIONS",
     "monitor_requested",
     "engine_monitor",
@@ -68,6 +75,7 @@ PRIVATE_USES = (
     "ZeRO's offload flags cpu_offload, offload_optimizer, swap_optimizer, partial_offload (ZeRO-Offload)",
     "WarmupDecayLR._get_gamma (WarmupPolyDecayLR)",
     "deepspeed.ops.__compatible_ops__ (skip the shm op's JIT build on CPU)",
+    "the engine's and wrappers' mpu and the tensor_model_parallel marker (tensor and pipeline parallelism)",
     "DeepSpeedEngine.monitor and global_samples (ds_conadv's metrics in TensorBoard / CSV / W&B)",
 )
 
@@ -477,6 +485,71 @@ def check_scheduler_hook(base: type) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# tensor and pipeline parallelism: the engine's model-parallel unit and the params' tensor-parallel marker
+# ----------------------------------------------------------------------------------------------------------
+#: the attributes DeepSpeed's AutoTP layers (``module_inject/layers.py``) and Megatron-LM set on split weights
+TENSOR_PARALLEL_MARKERS = ("tensor_model_parallel", "model_parallel")
+
+
+def is_tensor_parallel_param(param: Any) -> bool:
+    """Whether ``param`` is one rank's shard of a weight split over the tensor-parallel group (AutoTP's and
+    Megatron's marker); replicated params (a row-parallel layer's bias, LayerNorm) are not marked."""
+    return any(bool(getattr(param, name, False)) for name in TENSOR_PARALLEL_MARKERS)
+
+
+def _mpu_group(mpu: Any, getters: Tuple[str, ...], size_getters: Tuple[str, ...]) -> Any:
+    import torch.distributed as dist
+
+    for name, size_name in zip(getters, size_getters):
+        get = getattr(mpu, name, None)
+        if callable(get):
+            group = get()
+            size = getattr(mpu, size_name, None)
+            world = size() if callable(size) else dist.get_world_size(group=group)
+            return group if world > 1 else None
+    return None
+
+
+def tensor_parallel_group(owner: Any) -> Any:
+    """The tensor-parallel process group of a DeepSpeed engine or optimizer wrapper (from its model-parallel unit
+    ``mpu``: AutoTP's ``deepspeed.utils.groups``, a Megatron ``mpu`` passed to ``initialize``, a pipeline grid's
+    slice group), or None without tensor parallelism."""
+    mpu = getattr(owner, "mpu", None)
+    if mpu is None:
+        return None
+    return _mpu_group(
+        mpu,
+        ("get_tensor_model_parallel_group", "get_slice_parallel_group"),
+        ("get_tensor_model_parallel_world_size", "get_slice_parallel_world_size"),
+    )
+
+
+def pipeline_parallel_group(owner: Any) -> Any:
+    """The pipeline-parallel process group (the ranks that hold the other stages of the model) of a DeepSpeed
+    engine or optimizer wrapper (a ``PipelineEngine``'s grid, a Megatron ``mpu``), or None with one stage."""
+    mpu = getattr(owner, "mpu", None)
+    if mpu is None:
+        return None
+    return _mpu_group(
+        mpu,
+        ("get_pipe_parallel_group", "get_pipeline_model_parallel_group"),
+        ("get_pipe_parallel_world_size", "get_pipeline_model_parallel_world_size"),
+    )
+
+
+def wrapper_model_params(wrapper: Any) -> List[List[Any]]:
+    """The model's params per group (ZeRO 3: per sub-group, in the order of :func:`zero3_partitions`) of a ZeRO-3
+    or unfused fp16/bf16 wrapper."""
+    return [list(sub_group) for sub_group in _require(wrapper, "fp16_groups")]
+
+
+def default_gradient_clipping() -> float:
+    """DeepSpeed's ``"gradient_clipping"`` when a config has none (1.0 in 0.16.9 to 0.19.8)."""
+    from deepspeed.runtime import constants
+
+    return float(constants.GRADIENT_CLIPPING_DEFAULT)
+
+
 # the engine's monitor (TensorBoard, CSV, W&B, Comet): where ds_conadv's training metrics go
 # ----------------------------------------------------------------------------------------------------------
 #: DeepSpeed's config sections that enable its ``MonitorMaster``

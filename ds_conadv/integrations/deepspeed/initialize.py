@@ -11,7 +11,9 @@ metrics through DeepSpeed's monitor next to DeepSpeed's own (:mod:`.monitor`).
 Gradient clipping: one clipping, done by DeepSpeed. Our ``max_grad_norm`` and DeepSpeed's
 ``"gradient_clipping"`` are the same knob: give either (both only if equal). DeepSpeed computes the global
 norm over all partitions; our optimizer then runs with ``max_grad_norm=None``. If neither is given,
-DeepSpeed's own default (1.0 in DeepSpeed 0.19) applies, as it would for any optimizer.
+DeepSpeed's own default (1.0 in DeepSpeed 0.19) applies, as it would for any optimizer. Except for a PipelineModule in
+fp32 at ZeRO 0, whose DeepSpeed norm misses the later stages: there our optimizer clips, over all stages.
+ConAdv and ABSA under a PipelineModule are refused.
 """
 from __future__ import annotations
 
@@ -205,6 +207,39 @@ def _norm_buffers_follow_params(module: torch.nn.Module) -> None:
                 setattr(layer, name, buf.to(dtype))
 
 
+def _pipeline_clipping_in_optimizer(model: Any, cfg: Dict[str, Any], optimizer: TrustRatioOptimizer) -> None:
+    """A PipelineModule in fp32 at ZeRO 0: DeepSpeed's clipping there counts only the first stage's gradients (its
+    grid's model-parallel group spans the stages and only model-parallel rank 0 adds replicated params), so our
+    optimizer clips instead, with the norm summed over the stages (:func:`~.zero_layout.attach`); DeepSpeed's
+    ``"gradient_clipping"`` (or its default) becomes our ``max_grad_norm`` and DeepSpeed's is set to 0."""
+    from deepspeed.pipe import PipelineModule
+
+    from . import compat
+
+    zero = cfg.get("zero_optimization")
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    low_precision = any(isinstance(cfg.get(k), dict) and cfg[k].get("enabled") for k in ("bf16", "fp16"))
+    if not isinstance(model, PipelineModule) or stage or low_precision:
+        return
+    clip = cfg.get("gradient_clipping")
+    clip = compat.default_gradient_clipping() if clip is None else float(clip)
+    cfg["gradient_clipping"] = 0.0
+    for group in optimizer.param_groups:
+        group["max_grad_norm"] = clip if clip > 0 else None
+
+
+def _refuse_pipeline_adversarial(model: Any, has_conadv: bool, absa_on: bool) -> None:
+    """ConAdv (and ABSA's attack and eigenvalue) need the input gradient and a Hessian-vector product through the
+    whole network per step: a PipelineModule holds only this rank's stage and is driven by its own schedule."""
+    from deepspeed.pipe import PipelineModule
+
+    if isinstance(model, PipelineModule) and (has_conadv or absa_on):
+        section = '"absa"' if absa_on else '"conadv"'
+        raise ConfigError(f"{section} with a PipelineModule is not supported: adversarial generation needs a forward "
+                          "and backward pass through the whole network per step, which pipeline parallelism "
+                          "spreads over its stages; remove the section or train without PipelineModule")
+
+
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
                mpu=None, dist_init_required=None, collate_fn=None, config=None, config_params=None, **kwargs):
     """``deepspeed.initialize`` with ds_conadv's optimizers and sections. Same arguments, same return values.
@@ -243,6 +278,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         raise ConfigError('"absa.enabled": true with steps_per_epoch=: an ABSA run has no fixed epoch length (its '
                           "steps per epoch shrink as the batch grows; use engine.steps_per_epoch(samples)); "
                           "ds-conadv train does not drive ABSA: see docs/hessian.md for the ABSA loop")
+    _refuse_pipeline_adversarial(model, has_conadv, absa_on)
     if conadv.enabled and conadv.dual_bn:
         if model is None:
             raise ConfigError('"conadv.dual_bn" needs model= (its BatchNorm layers get an adversarial twin)')
@@ -265,6 +301,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         del cfg["scheduler"]
     if isinstance(optimizer, TrustRatioOptimizer):
         _reconcile_clipping(cfg, _strip_own_clipping(optimizer))
+        _pipeline_clipping_in_optimizer(model, cfg, optimizer)
         if cfg.get("zero_optimization", {}).get("stage", 0):
             cfg.setdefault("zero_allow_untested_optimizer", True)
         offload = _offload_for_trust_optimizer(cfg, [g["backend"] for g in optimizer.param_groups])

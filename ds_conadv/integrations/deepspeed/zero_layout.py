@@ -9,16 +9,23 @@ collective), then the trust ratios are those of the whole tensors. A LAMB/LARS b
 plain ``deepspeed.initialize`` attaches itself at its first step (:func:`auto_attach`, registered with the
 optimizer core through :func:`ds_conadv._registry.register_wrapper_resolver`).
 
+Tensor parallelism (AutoTP, Megatron): the weights flagged ``tensor_model_parallel`` are marked as sharded over the
+engine's tensor-parallel group (:func:`ds_conadv.optim.mark_sharded`) and the layouts carry the markers per norm
+id, so their norms are summed over that group too. Pipeline parallelism: the optimizer's global gradient norm (its
+own ``max_grad_norm``, the inf/NaN check) is summed over the pipeline stages.
+
 Every read of a DeepSpeed private attribute goes through :mod:`.compat`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple
+import warnings
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
 
-from ds_conadv.optim import SegmentLayout, TrustRatioOptimizer
+from ds_conadv.optim import SegmentLayout, TrustRatioOptimizer, is_sharded, mark_sharded
+from ds_conadv.optim.sharding import groups_of
 
 from . import compat
 
@@ -83,9 +90,29 @@ def _set_layout(
     fragments: List[Fragment],
     num_ids: int,
     hook: Optional[Callable[[torch.Tensor], None]],
+    lp_params: List[torch.Tensor],
 ) -> None:
-    # keyed by the flat tensor: DeepSpeed steps one group at a time with ``param_groups`` swapped
-    trust.set_segment_layout(flat, SegmentLayout([fragments], num_ids, hook))
+    # keyed by the flat tensor: DeepSpeed steps one group at a time with ``param_groups`` swapped; the shard
+    # markers of the original params (tensor parallelism) go with the norm ids
+    trust.set_segment_layout(flat, SegmentLayout([fragments], num_ids, hook, shard_groups=groups_of(lp_params)))
+
+
+def _mark_parallel_params(
+    owner: Any, params: Iterable[torch.Tensor], trust: TrustRatioOptimizer, whole_step: bool
+) -> None:
+    """Tensor parallelism: mark the split weights among ``params`` (AutoTP's / Megatron's marker) as sharded over
+    the tensor-parallel group of ``owner`` (engine or wrapper), so their norms are summed over it. Pipeline
+    parallelism, when our step sees every group at once (``whole_step``: no ZeRO wrapper, which steps one group at a
+    time, a different number on each stage): our own ``max_grad_norm`` and the inf/NaN check sum the gradient norm
+    over the stages (one all-reduce per step on every stage)."""
+    tp_group = compat.tensor_parallel_group(owner)
+    if tp_group is not None:
+        for p in params:
+            if compat.is_tensor_parallel_param(p):
+                mark_sharded(p, tp_group)
+    pipe_group = compat.pipeline_parallel_group(owner)
+    if pipe_group is not None and whole_step:
+        trust.set_global_norm_hook(_all_reduce_hook(pipe_group))
 
 
 def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
@@ -104,23 +131,46 @@ def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
     if trust is None:
         return None
     kind = None if wrapper is trust else compat.wrapper_kind(wrapper)
+    if is_engine:
+        whole_step = kind in (None, "fp16_unfused")
+        _mark_parallel_params(engine_or_optimizer, engine_or_optimizer.module.parameters(), trust, whole_step)
+    elif kind in ("zero12", "bf16", "fp16"):  # found by a LAMB/LARS given to plain deepspeed.initialize
+        _mark_parallel_params(wrapper, [p for _, lp, _ in compat.flat_partitions(wrapper) for p in lp], trust, False)
+    elif kind == "zero3" and any(
+        compat.is_tensor_parallel_param(p) and not is_sharded(p)
+        for g in compat.wrapper_model_params(wrapper)
+        for p in g
+    ):  # ZeRO 3's wrapper knows no tensor-parallel group
+        warnings.warn(
+            "tensor-parallel weights under ZeRO 3 with a LAMB/LARS given to plain deepspeed.initialize: their trust "
+            "ratios are taken per shard; call ds_conadv.integrations.deepspeed.attach(engine) or use "
+            "ds_conadv.initialize",
+            compat.DeepSpeedCompatWarning,
+            stacklevel=2,
+        )
+    if kind == "fp16_unfused" and any(is_sharded(p) for g in compat.wrapper_model_params(wrapper) for p in g):
+        raise NotImplementedError(
+            "ds_conadv cannot make trust ratios exact for tensor-parallel weights under "
+            "DeepSpeed's FP16_UnfusedOptimizer (bf16/fp16 at ZeRO 0: the optimizer steps "
+            "on unmarked fp32 copies); use ZeRO stage 1, 2 or 3 with bf16/fp16"
+        )
     if wrapper is trust or kind == "fp16_unfused":
         # stage 0: fp32 runs hand our optimizer the real tensors, fp16/bf16 per-tensor fp32 copies
         trust.mark_attached()
         return trust
     if kind in ("zero12", "bf16"):
         for flat, lp_params, group in compat.flat_partitions(wrapper):
-            _set_layout(trust, flat, _hp_fragments(lp_params), len(lp_params), _all_reduce_hook(group))
+            _set_layout(trust, flat, _hp_fragments(lp_params), len(lp_params), _all_reduce_hook(group), lp_params)
     elif kind == "fp16":  # fp16/bf16 without ZeRO: one flat fp32 copy per group, not partitioned
         for flat, lp_params, _ in compat.flat_partitions(wrapper):
-            _set_layout(trust, flat, _contiguous_fragments(lp_params), len(lp_params), None)
+            _set_layout(trust, flat, _contiguous_fragments(lp_params), len(lp_params), None, lp_params)
     elif kind == "zero3":
         from deepspeed import comm as dist
 
         sub_groups, process_group = compat.zero3_partitions(wrapper)
         hook = _all_reduce_hook(process_group)
         rank = dist.get_rank(group=process_group)
-        for flat, sizes in sub_groups:
+        for (flat, sizes), lp_params in zip(sub_groups, compat.wrapper_model_params(wrapper)):
             # every param is split evenly over the ranks; this rank's piece sits at a running offset in the
             # sub-group's flat buffer, followed by padding on the last rank
             fragments, offset = [], 0
@@ -129,7 +179,7 @@ def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
                 if valid:
                     fragments.append((offset, valid, index))
                 offset += part
-            _set_layout(trust, flat, fragments, len(sizes), hook)
+            _set_layout(trust, flat, fragments, len(sizes), hook, lp_params)
     else:
         raise NotImplementedError(
             f"ds_conadv cannot make trust ratios exact under DeepSpeed's "
