@@ -119,6 +119,31 @@ BYTES_PER_PARAM = {ANCHOR: 28, "LAMB[cpp]": 44, "LAMB[cpp], skip_nonfinite=False
                    "LARS[cpp], skip_nonfinite=False": 28, "AdamW(fused)": 28}
 
 
+#: the C++ kernel calls of one step, timed per call (the per-pass breakdown of the step)
+KERNEL_CALLS = ("sumsq", "lamb_phase1", "lamb_phase2", "lars_phase1", "lars_phase2")
+PASS_LABELS = {"sumsq": "inf/NaN check (read g)", "lamb_phase1": "LAMB pass 1 (read g, p, m, v; write m, v)",
+               "lamb_phase2": "LAMB pass 2 (read p, m, v; write p)",
+               "lars_phase1": "LARS pass 1 (read g, p)", "lars_phase2": "LARS pass 2 (read g, p, buf; write p, buf)"}
+
+
+def time_kernel_calls(kernels) -> Dict[str, List[float]]:
+    """Wrap the kernel set's calls so that each call's wall time lands in the returned dict (per call name;
+    the caller clears it between contenders). The wrappers are instance attributes: the class is untouched."""
+    spent: Dict[str, List[float]] = {}
+    for name in KERNEL_CALLS:
+        original = getattr(kernels, name)
+
+        def timed(*a, _original=original, _name=name, **kw):
+            t = time.perf_counter()
+            try:
+                return _original(*a, **kw)
+            finally:
+                spent.setdefault(_name, []).append(time.perf_counter() - t)
+
+        setattr(kernels, name, timed)
+    return spent
+
+
 def machine(threads: int) -> Dict:
     import torch
 
@@ -149,8 +174,10 @@ def run(args) -> Dict:
 
     CPUAdamBuilder().load()  # JIT build (minutes) or load from the cache, outside the timing
     build_s = time.perf_counter() - t
-    if get_kernels("cpp", torch.device("cpu")).name != "cpp":
+    kernels = get_kernels("cpp", torch.device("cpu"))
+    if kernels.name != "cpp":
         raise RuntimeError("the C++ kernels did not load")
+    spent = time_kernel_calls(kernels)
     makers = contenders(numel, fragments, num_ids)
     opts = {name: make() for name, make in makers.items()}
     load_before = os.getloadavg()
@@ -162,19 +189,24 @@ def run(args) -> Dict:
             for _ in range(2):
                 opt.step()
         times: Dict[str, List[float]] = {name: [] for name in opts}
+        calls: Dict[str, Dict[str, List[float]]] = {name: {} for name in opts}
         for _ in range(args.rounds):
             for name, opt in opts.items():
                 for _ in range(args.steps_per_round):
+                    spent.clear()
                     t = time.perf_counter()
                     opt.step()
                     times[name].append(time.perf_counter() - t)
+                    for call, values in spent.items():  # one step's time in each kernel call
+                        calls[name].setdefault(call, []).append(sum(values))
         anchor = statistics.median(times[ANCHOR])
         rows = {}
         for name, values in times.items():
             med = statistics.median(values)
             rows[name] = {"median_s": med, "min_s": min(values), "ratio_vs_anchor": med / anchor,
                           "bytes_per_param": BYTES_PER_PARAM[name],
-                          "gb_per_s": BYTES_PER_PARAM[name] * numel / med / 1e9}
+                          "gb_per_s": BYTES_PER_PARAM[name] * numel / med / 1e9,
+                          "kernel_calls_median_s": {c: statistics.median(v) for c, v in calls[name].items()}}
         results[str(threads)] = rows
     load_after = os.getloadavg()
     return {
@@ -209,6 +241,18 @@ def markdown(report: Dict) -> str:
             r = report["by_threads"][t][name]
             cells.append(f"{1e3 * r['median_s']:.1f} ({r['ratio_vs_anchor']:.2f})")
         lines.append(f"| {name} | {BYTES_PER_PARAM[name]} | " + " | ".join(cells) + " |")
+    lines += ["", "Where a step's time goes (median ms per step in each C++ kernel call of the default LAMB and LARS "
+              f"steps, the rest is host work; {ANCHOR}'s whole step for scale):", "",
+              "| pass | " + " | ".join(f"{t} thread{'s' if t != '1' else ''}" for t in threads) + " |",
+              "| --- | " + " | ".join("---:" for _ in threads) + " |"]
+    for name in ("LAMB[cpp]", "LARS[cpp]"):
+        for call in KERNEL_CALLS:
+            if call not in report["by_threads"][threads[0]][name].get("kernel_calls_median_s", {}):
+                continue
+            cells = [f"{1e3 * report['by_threads'][t][name]['kernel_calls_median_s'][call]:.1f}" for t in threads]
+            lines.append(f"| {name}: {PASS_LABELS[call]} | " + " | ".join(cells) + " |")
+    cells = [f"{1e3 * report['by_threads'][t][ANCHOR]['median_s']:.1f}" for t in threads]
+    lines.append(f"| {ANCHOR}, whole step (read p, g, m, v; write p, m, v) | " + " | ".join(cells) + " |")
     lines.append(f"<!-- {MARK}:END -->")
     return "\n".join(lines) + "\n"
 

@@ -337,6 +337,24 @@ def test_drop_lookahead_makes_the_next_step_generate_now():
     assert b.step == 1 and b.generated_now and b.stale_by == 0
 
 
+@pytest.mark.parametrize("cfg", [conf(tau=1, start_epoch=1, stop_epoch=2), conf(tau=2), conf(tau=0),
+                                 conf(enabled=False)], ids=["tau1-window", "tau2", "disadv", "vanilla"])
+def test_ahead_due_says_whether_the_reduction_has_a_generation_beside_it(cfg):
+    """Engines hand the backward to a worker thread only when a look-ahead generation will run beside the
+    reduction: ahead_due() must be True exactly on the steps where generate_ahead() generates."""
+    sched = ConAdvSchedule(cfg, steps_per_epoch=4)
+    it = iter(data(12))
+    gen = (lambda x, y, g: x + 1)
+    due, made = [], []
+    for _ in range(12):
+        sched.next_batch(it, gen)
+        due.append(sched.ahead_due())
+        made.append(sched.generate_ahead(gen))
+        sched.end_step()
+    assert due == [m > 0 for m in made]
+    assert any(due) == (cfg.enabled and cfg.tau > 0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # dual BN
 # ----------------------------------------------------------------------------------------------------------

@@ -227,6 +227,11 @@ class ConAdvSchedule:
                            index=entry.index, gen_step=entry.gen_step, generated_now=generated_now,
                            micro_batches_per_step=self.micro_batches_per_step)
 
+    def ahead_due(self) -> bool:
+        """Whether :meth:`generate_ahead` would generate anything now (a queued batch due in the window without
+        its x̂): an engine overlaps the reduction with a generation only then."""
+        return any(entry.adv is None and self.active(self.step + 1 + k) for k, entry in enumerate(self._queue))
+
     def generate_ahead(self, generate_fn: GenerateFn) -> int:
         """Generate, with the current weights, x̂ for every queued batch that is due in the window and has none
         (normally just batch t+tau). Returns how many were generated."""

@@ -166,7 +166,9 @@ class DeepSpeedConAdvEngine(EngineWrapper, ConAdvTrainer):
         pass  # DeepSpeed owns the gradients and clears them in engine.step()
 
     def backward(self, loss: torch.Tensor) -> None:
-        if not self.overlap:
+        if not self.overlap or not self.schedule.ahead_due():
+            # nothing to generate beside this reduction (vanilla, DisAdv, outside the window): no hand-off to
+            # the worker thread, whose round trip would only add to the step
             self.ds.backward(loss)
             return
         if self._worker is None:  # one long-lived thread: no thread start per step
