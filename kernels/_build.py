@@ -6,11 +6,12 @@ says so in one line on stderr (the first step would otherwise seem to hang for a
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
 import threading
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 _lock = threading.Lock()
 _loaded: dict = {}
@@ -62,10 +63,38 @@ def load_extension(name: str, sources: List[str], extra_cflags: Optional[List[st
     full = f"{name}_{_digest(paths, flags)}"
     with _lock:
         if full not in _loaded:
-            if not os.path.isfile(os.path.join(_root(), full, full + ".so")):
-                print(f"ds_conadv: building {label} (first use, about a minute; cached in {build_dir(full)})",
+            folder = build_dir(full)
+            if not os.path.isfile(os.path.join(folder, full + ".so")):
+                print(f"ds_conadv: building {label} (first use, about a minute; cached in {folder})",
                       file=sys.stderr, flush=True)
-            _loaded[full] = load(name=full, sources=paths, extra_cflags=extra_cflags or [],
-                                 extra_cuda_cflags=extra_cuda_cflags or [], build_directory=build_dir(full),
-                                 verbose=verbose or bool(os.environ.get("DS_CONADV_VERBOSE_BUILD")))
+            with _build_lock(folder):
+                _loaded[full] = load(name=full, sources=paths, extra_cflags=extra_cflags or [],
+                                     extra_cuda_cflags=extra_cuda_cflags or [], build_directory=folder,
+                                     verbose=verbose or bool(os.environ.get("DS_CONADV_VERBOSE_BUILD")))
     return _loaded[full]
+
+
+@contextlib.contextmanager
+def _build_lock(folder: str) -> Iterator[None]:
+    """One build per folder across processes, and no wait on a dead one.
+
+    torch's ``cpp_extension`` serialises builds with a ``lock`` file that a killed build leaves behind; every later
+    import then waits for it forever. Here an OS file lock (``flock``: released by the kernel when its holder dies)
+    is taken first; whoever holds it is the only process of ours in that folder, so a ``lock`` file found then is
+    a dead build's and is removed (with a line on stderr)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: torch's own lock file only
+        yield
+        return
+    with open(os.path.join(folder, ".ds_conadv_build.flock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = os.path.join(folder, "lock")
+            if os.path.exists(stale):
+                os.remove(stale)
+                print(f"ds_conadv: removed the lock file of an interrupted build in {folder}", file=sys.stderr,
+                      flush=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

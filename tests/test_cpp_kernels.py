@@ -303,3 +303,50 @@ def test_a_build_says_so_once_on_stderr(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(_build, "_loaded", {})  # a new process: the build is on disk
     _build.load_extension("dsc_fake", ["cpu/trust_ops.cpp"], label="the C++ CPU kernels")
     assert capsys.readouterr().err == ""
+
+
+def test_a_killed_build_does_not_block_the_next(tmp_path, monkeypatch, capsys):
+    """A build killed mid-way (SIGKILL) leaves torch's ``lock`` file in the build folder, on which every later
+    build would wait forever: the next load takes the folder's OS lock (freed by the kernel when the killed
+    process died), removes the dead build's lock file, says so, and builds."""
+    import signal
+    import subprocess
+    import textwrap
+
+    import torch.utils.cpp_extension
+
+    from ds_conadv.kernels import _build
+
+    monkeypatch.setenv("DS_CONADV_EXT_DIR", str(tmp_path))
+    monkeypatch.setattr(_build, "_loaded", {})
+    seen = {}
+
+    def fake_load(name, build_directory, **kwargs):
+        seen["lock_left"] = os.path.exists(os.path.join(build_directory, "lock"))
+        open(os.path.join(build_directory, f"{name}.so"), "w").close()
+        return object()
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    # the killed build: holds the folder's lock, has written torch's lock file, then dies by SIGKILL
+    full = f"dsc_fake_{_build._digest([os.path.join(_build.HERE, 'cpu/trust_ops.cpp')], [])}"
+    folder = _build.build_dir(full)
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        from ds_conadv.kernels import _build
+        with _build._build_lock({folder!r}):
+            open(os.path.join({folder!r}, "lock"), "w").close()
+            print("holding", flush=True)
+            time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert os.path.exists(os.path.join(folder, "lock"))
+    _build.load_extension("dsc_fake", ["cpu/trust_ops.cpp"], label="the C++ CPU kernels")
+    assert seen == {"lock_left": False}
+    assert "removed the lock file of an interrupted build" in capsys.readouterr().err
