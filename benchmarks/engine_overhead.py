@@ -116,19 +116,22 @@ def rank_main(args):
         for _ in range(3):
             step(mode)
     per_round = {m: [] for m in MODES}
+    cpu_per_round = {m: [] for m in MODES}  # this process's CPU time (all its threads): what load cannot inflate
     for r in range(args.rounds):
         order = MODES if r % 2 == 0 else MODES[::-1]
         for mode in order:
             torch.distributed.barrier()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for _ in range(args.steps_per_round):
                 step(mode)
+            cpu_per_round[mode].append((time.process_time() - c) / args.steps_per_round)
             per_round[mode].append((time.perf_counter() - t) / args.steps_per_round)
     # the engines trained the same model on the same data: their params must agree (same numbers, same engine)
     flat = {m: torch.cat([p.detach().reshape(-1).float() for p in engines[m].module.parameters()]) for m in MODES}
     agree = {m: bool(torch.allclose(flat[m], flat["deepspeed"], rtol=1e-4, atol=1e-6)) for m in MODES}
     gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, {"per_round": per_round, "params_agree": agree})
+    torch.distributed.all_gather_object(gathered, {"per_round": per_round, "cpu_per_round": cpu_per_round,
+                                                   "params_agree": agree})
     if rank == 0:
         with open(os.environ["DS_CONADV_BENCH_OUT"], "w", encoding="utf-8") as f:
             json.dump({"per_rank": gathered}, f)
@@ -154,6 +157,15 @@ def summarize(raw):
         out[f"{m}_ratio_p10_p90"] = [_pct(ratios, 0.1), _pct(ratios, 0.9)]
         out[f"{m}_ratio_median_of_rounds"] = statistics.median(ratios)
     out["params_agree"] = all(all(r["params_agree"].values()) for r in raw["per_rank"])
+    # CPU time per step (process time, mean over ranks per round): busy time only, so another job's load does not
+    # stretch it the way it stretches wall time; gloo waits block without spinning
+    if all("cpu_per_round" in r for r in raw["per_rank"]):
+        cpu = {m: [statistics.fmean(r["cpu_per_round"][m][i] for r in raw["per_rank"]) for i in range(rounds)]
+               for m in MODES}
+        cpu_med = {m: statistics.median(v) for m, v in cpu.items()}
+        out["cpu_median_ms"] = {m: 1e3 * v for m, v in cpu_med.items()}
+        for m in ("ds_conadv", "ds_conadv_raw"):
+            out[f"{m}_cpu_overhead"] = cpu_med[m] / cpu_med["deepspeed"] - 1
     return out
 
 
@@ -170,17 +182,26 @@ def markdown(report):
         f"{report['load_avg']['after'][0]:.2f} after; {report['date']}. Params of all engines agree after the "
         f"run: {s['params_agree']}.",
         "",
-        "| engine | median step ms | min ms | median / plain DeepSpeed | median of per-round ratios (p10-p90) |",
-        "| --- | ---: | ---: | ---: | --- |",
-        f"| `deepspeed.initialize` + LAMB | {m['deepspeed']:.2f} | {s['min_ms']['deepspeed']:.2f} | 1.000 | |",
+        "| engine | median step ms | min ms | median / plain DeepSpeed | median of per-round ratios (p10-p90) "
+        "| CPU ms per step | CPU / plain DeepSpeed |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
+        f"| `deepspeed.initialize` + LAMB | {m['deepspeed']:.2f} | {s['min_ms']['deepspeed']:.2f} | 1.000 | | "
+        f"{_cpu_cell(s, 'deepspeed')} | 1.000 |",
     ]
     for mode, label in (("ds_conadv", "`ds_conadv.initialize`, ConAdv engine, vanilla mode"),
                         ("ds_conadv_raw", "`ds_conadv.initialize`, no `conadv` section")):
         lo, hi = s[f"{mode}_ratio_p10_p90"]
+        cpu_ratio = f"{1 + s[f'{mode}_cpu_overhead']:.3f}" if f"{mode}_cpu_overhead" in s else "-"
         lines.append(f"| {label} | {m[mode]:.2f} | {s['min_ms'][mode]:.2f} | {1 + s[f'{mode}_overhead']:.3f} | "
-                     f"{s[f'{mode}_ratio_median_of_rounds']:.3f} ({lo:.3f}-{hi:.3f}) |")
+                     f"{s[f'{mode}_ratio_median_of_rounds']:.3f} ({lo:.3f}-{hi:.3f}) | {_cpu_cell(s, mode)} | "
+                     f"{cpu_ratio} |")
     lines.append(f"<!-- engine_overhead:END {key} -->")
     return "\n".join(lines) + "\n"
+
+
+def _cpu_cell(summary, mode):
+    cpu = summary.get("cpu_median_ms")
+    return f"{cpu[mode]:.2f}" if cpu else "-"
 
 
 def report_key(report):
@@ -236,7 +257,9 @@ def main(argv=None):
     print(f"# ZeRO-{args.stage}: deepspeed {s['median_ms']['deepspeed']:.2f} ms, ds_conadv vanilla "
           f"{s['median_ms']['ds_conadv']:.2f} ms ({100 * s['ds_conadv_overhead']:+.1f} %), ds_conadv raw "
           f"{s['median_ms']['ds_conadv_raw']:.2f} ms ({100 * s['ds_conadv_raw_overhead']:+.1f} %); "
-          f"params agree: {s['params_agree']}; wrote {out}")
+          f"params agree: {s['params_agree']}; CPU time per step: deepspeed {s['cpu_median_ms']['deepspeed']:.2f} ms, "
+          f"ds_conadv vanilla {100 * s['ds_conadv_cpu_overhead']:+.1f} %, raw {100 * s['ds_conadv_raw_cpu_overhead']:+.1f} %; "
+          f"wrote {out}")
     if args.markdown:
         update_markdown(args.markdown, report_key(report), markdown(report))
     return 0
