@@ -257,9 +257,9 @@ def main(argv=None):
     print(f"# ZeRO-{args.stage}: deepspeed {s['median_ms']['deepspeed']:.2f} ms, ds_conadv vanilla "
           f"{s['median_ms']['ds_conadv']:.2f} ms ({100 * s['ds_conadv_overhead']:+.1f} %), ds_conadv raw "
           f"{s['median_ms']['ds_conadv_raw']:.2f} ms ({100 * s['ds_conadv_raw_overhead']:+.1f} %); "
-          f"params agree: {s['params_agree']}; CPU time per step: deepspeed {s['cpu_median_ms']['deepspeed']:.2f} ms, "
-          f"ds_conadv vanilla {100 * s['ds_conadv_cpu_overhead']:+.1f} %, raw {100 * s['ds_conadv_raw_cpu_overhead']:+.1f} %; "
-          f"wrote {out}")
+          f"params agree: {s['params_agree']}; CPU time per step: deepspeed {s['cpu_median_ms']['deepspeed']:.2f} "
+          f"ms, ds_conadv vanilla {100 * s['ds_conadv_cpu_overhead']:+.1f} %, "
+          f"raw {100 * s['ds_conadv_raw_cpu_overhead']:+.1f} %; wrote {out}")
     if args.markdown:
         update_markdown(args.markdown, report_key(report), markdown(report))
     return 0
