@@ -1,5 +1,6 @@
-"""Tensor and pipeline parallelism, with real ranks: trust ratios and clipping of split weights equal the unsplit
-model; pipeline stages equal one stage; ConAdv under a pipeline is refused."""
+"""Tensor and pipeline parallelism, alone and with data parallelism (4 ranks), with real ranks: trust ratios and
+clipping of split weights equal the unsplit model; pipeline stages equal one stage; ConAdv under a pipeline is
+refused."""
 from __future__ import annotations
 
 import json
@@ -104,25 +105,53 @@ def _run_ds(tmp_path, tag, *args, world=2):
     return _load(prefix, world)
 
 
-@pytest.mark.parametrize("name,stage,naive", [("lamb", 0, False), ("lars", 1, False), ("lars", 0, True)],
-                         ids=["lamb-zero0", "lars-zero1", "lars-zero0-naive"])
-def test_autotp_equals_unsplit_model(tmp_path, name, stage, naive):
-    """DeepSpeed AutoTP training (``"tensor_parallel": {"autotp_size": 2}``, column- and row-parallel Linear, 2 ranks,
-    TP = 2), clipping at 0.5 by DeepSpeed: ds_conadv.initialize marks the split weights, and the gathered params
-    equal the unsplit single-process model; with the markers dropped (trust ratios per shard) they differ."""
+def _run_cases(tmp_path, mode, cases, world):
+    """One launch for all cases (each a fresh engine in the same rank processes): the rank start-up dominates."""
+    ranks = _run_ds(tmp_path, f"{mode}{world}", "--mode", mode, *(a for c in cases for a in ("--case", c)),
+                    world=world)
+    for case in cases:
+        for other in ranks[1:]:  # every rank holds the same full params (DP replicas, TP shards gathered)
+            assert other["results"][case]["params"] == ranks[0]["results"][case]["params"], case
+    return {case: ranks[0]["results"][case] for case in cases}
+
+
+def _expected_wrapper(case):
+    name, stage = case.split(":")[:2]
+    return {"0": name.upper(), "3": "DeepSpeedZeroOptimizer_Stage3"}.get(stage, "DeepSpeedZeroOptimizer")
+
+
+def _check_cases(results, reference, what):
+    for case, result in results.items():
+        assert result["wrapper"] == _expected_wrapper(case), case
+        got, expected = _tensors(result["params"]), reference(case.split(":")[0])
+        if "naive" in case:
+            with pytest.raises(AssertionError):
+                _assert_params_close(got, expected, f"{what} {case}")
+        else:
+            _assert_params_close(got, expected, f"{what} {case}")
+
+
+#: ``optimizer:ZeRO stage[:variant]`` per world size (see tests/workers/ds_parallel.py): TP = 2, and DP = 2 on 4 ranks
+AUTOTP_CASES = {
+    2: ("lamb:0", "lars:1", "lars:0:naive"),
+    4: ("lamb:0", "lars:1", "lamb:2", "lars:3", "lars:0:own-clip", "lars:2:own-clip",
+        "lars:2:naive", "lamb:1:naive-dp"),
+}
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp2xdp2"])
+def test_autotp_equals_unsplit_model(tmp_path, world):
+    """DeepSpeed AutoTP training (``"tensor_parallel": {"autotp_size": 2}``, column- and row-parallel Linear), TP = 2
+    on 2 ranks, TP = 2 x DP = 2 on 4 (each DP rank trains on its half of the global batch), clipping at 0.5:
+    ds_conadv.initialize marks the split weights, and the gathered params equal the unsplit single-process model at
+    ZeRO 0-3. Trust ratios per TP shard (markers dropped) or per ZeRO partition (the DP all-reduce dropped) differ.
+    A sum over too large a group (a TP shard or a replicated tensor counted twice) scales all of a tensor's norms
+    alike, which its trust ratio does not see: the ``own-clip`` cases, our own clipping at ZeRO 0 and 2 (its global
+    norm all-reduced over the DP and the TP group, replicated tensors counted once), would."""
     _autotp_training()
     from workers.tp_problem import single_process
 
-    ranks = _run_ds(tmp_path, f"autotp_{name}{stage}", "--mode", "autotp", "--optimizer", name, "--stage",
-                    str(stage), *(["--naive"] if naive else []))
-    assert ranks[0]["params"] == ranks[1]["params"]
-    assert ranks[0]["wrapper"] == (name.upper() if stage == 0 else "DeepSpeedZeroOptimizer")
-    got, expected = _tensors(ranks[0]["params"]), single_process(name)
-    if naive:
-        with pytest.raises(AssertionError):
-            _assert_params_close(got, expected, "naive")
-    else:
-        _assert_params_close(got, expected, f"{name} AutoTP ZeRO-{stage} vs unsplit")
+    _check_cases(_run_cases(tmp_path, "autotp", AUTOTP_CASES[world], world), single_process, f"AutoTP on {world}")
 
 
 def _single_stage(name):
@@ -131,25 +160,25 @@ def _single_stage(name):
     return single_process(name)
 
 
-@pytest.mark.parametrize("name,stage,mode", [("lars", 0, "initialize"), ("lamb", 1, "initialize"),
-                                             ("lars", 0, "naive")])
-def test_two_stage_pipeline_equals_one_stage(tmp_path, name, stage, mode):
-    """A 2-stage PipelineModule (2 ranks, 2 micro-batches per step), clipping at 0.5, equals the single-stage run.
-    ZeRO 1: DeepSpeed clips over the stages. ZeRO 0 (fp32): DeepSpeed's clipping would count the first stage's
-    gradients only, so ds_conadv.initialize lets our optimizer clip with the norm summed over the stages; our
-    optimizer's own max_grad_norm without that (``naive``: plain deepspeed.initialize, no attach) differs."""
+#: 2 stages, and DP = 2 on 4 ranks
+PIPE_CASES = {
+    2: ("lars:0", "lamb:1", "lars:0:naive"),
+    4: ("lamb:0", "lars:0", "lamb:1", "lars:1", "lars:0:own-clip", "lars:0:naive"),
+}
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["pp2", "pp2xdp2"])
+def test_two_stage_pipeline_equals_one_stage(tmp_path, world):
+    """A 2-stage PipelineModule (2 micro-batches per step and DP rank; DP = 2 on 4 ranks), clipping at 0.5, equals
+    the single-stage run. ZeRO 1: DeepSpeed clips over the stages. ZeRO 0 (fp32): DeepSpeed's clipping would count
+    the first stage's gradients only, so ds_conadv.initialize lets our optimizer clip with the norm summed over the
+    stages (``own-clip``: the same through plain deepspeed.initialize and attach); our optimizer's own max_grad_norm
+    without that (``naive``: no attach, the norm of one stage) differs."""
     _deepspeed()
-    extra = ["--own-clip", "--naive"] if mode == "naive" else []
-    ranks = _run_ds(tmp_path, f"pipe_{name}{stage}{mode}", "--mode", "pipe", "--optimizer", name, "--stage",
-                    str(stage), *extra)
-    assert ranks[0]["params"] == ranks[1]["params"]
-    got, expected = _tensors(ranks[0]["params"]), _single_stage(name)
-    assert sorted(got) == sorted(expected)
-    if mode == "naive":
-        with pytest.raises(AssertionError):
-            _assert_params_close(got, expected, "per-stage clipping")
-    else:
-        _assert_params_close(got, expected, f"{name} 2 stages ZeRO-{stage} vs 1 stage")
+    results = _run_cases(tmp_path, "pipe", PIPE_CASES[world], world)
+    for result in results.values():
+        assert sorted(result["params"]) == sorted(_single_stage("lars"))
+    _check_cases(results, _single_stage, f"2 stages on {world}")
 
 
 def test_conadv_under_pipeline_is_refused(tmp_path):

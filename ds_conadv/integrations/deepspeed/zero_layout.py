@@ -11,8 +11,10 @@ optimizer core through :func:`ds_conadv._registry.register_wrapper_resolver`).
 
 Tensor parallelism (AutoTP, Megatron): the weights flagged ``tensor_model_parallel`` are marked as sharded over the
 engine's tensor-parallel group (:func:`ds_conadv.optim.mark_sharded`) and the layouts carry the markers per norm
-id, so their norms are summed over that group too. Pipeline parallelism: the optimizer's global gradient norm (its
-own ``max_grad_norm``, the inf/NaN check) is summed over the pipeline stages.
+id, so their norms are summed over that group too. With TP x DP the layouts' all-reduce runs over ZeRO's
+data-parallel group (the ranks of one TP rank), never the world, which would add the other TP shards to a sharded
+param's sums and count a replicated param once per TP rank. Pipeline parallelism: the optimizer's global gradient
+norm (its own ``max_grad_norm``, the inf/NaN check) is summed over the pipeline stages (not the DP replicas).
 
 Every read of a DeepSpeed private attribute goes through :mod:`.compat`.
 """
