@@ -51,7 +51,7 @@ def rank_main(args):
 
     def trainer(mode):
         cfg = ConAdvConfig(enabled=mode != "vanilla", tau=0 if mode == "disadv" else 1, attack="fgsm", epsilon=0.05)
-        m = prepare_model(base.overlap_model(args.width), cfg)
+        m = prepare_model(base.overlap_model(args), cfg)
         opt = LARS(m.parameters(), lr=0.1, backend="foreach")
         named = [(f"{mode}.{n}", p) for n, p in m.named_parameters()]  # unique allreduce names per trainer
         return HorovodConAdvTrainer(m, distributed_optimizer(opt, named_parameters=named), cfg=cfg)
@@ -82,13 +82,14 @@ def rank_main(args):
 
 
 def markdown(report):
-    text = base.markdown(dict(report, stage="horovod"))
-    return (text.replace("DeepSpeed ZeRO-horovod", "Horovod (async allreduce)")
-            .replace("conadv_overlap/" + report["device"] + "/stagehorovod", _key(report)))
+    as_stage = dict(report, stage="horovod")
+    return (base.markdown(as_stage).replace("DeepSpeed ZeRO-horovod", "Horovod (async allreduce)")
+            .replace(base.report_key(as_stage), _key(report)))
 
 
 def _key(report):
-    return f"conadv_overlap/{report['device']}/horovod"
+    model = report.get("model", "mlp")
+    return f"conadv_overlap/{report['device']}/horovod" + (f"/{model}" if model != "mlp" else "")
 
 
 def main(argv=None):
@@ -97,6 +98,8 @@ def main(argv=None):
     argv = [a for a in argv if a != "--with-deepspeed"]
     args = base.parse_args(argv)
     args.compare_start = False  # a DeepSpeed-engine option (its generation_start); passed on to --with-deepspeed
+    if args.overlap_comm or args.reduce_bucket:
+        raise SystemExit("--overlap-comm/--reduce-bucket are DeepSpeed ZeRO options: use benchmarks/conadv_overlap.py")
     if args.device != "cpu":
         raise SystemExit("this Horovod build is CPU/gloo only: --device cpu")
     if "HOROVOD_RANK" in os.environ:
@@ -112,25 +115,27 @@ def main(argv=None):
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     cmd = [horovodrun, "--gloo", "-np", str(args.nproc), "-H", f"localhost:{args.nproc}", sys.executable,
            os.path.abspath(__file__)] + argv
-    t = time.time()
+    t, load_before = time.time(), os.getloadavg()
     subprocess.run(cmd, env=env, check=True, timeout=3600)
+    load_after = os.getloadavg()
     raw = json.load(open(raw_path))
     os.remove(raw_path)
-    w = args.width
-    n_params = base.overlap_model_params(w)
     import horovod
 
     report = {
         "benchmark": "conadv_overlap", "backend": "horovod", "horovod": horovod.__version__, "device": args.device,
-        "stage": None, "nproc": args.nproc, "width": w, "batch": args.batch, "n_params": n_params,
-        "wall_s": time.time() - t,
+        "stage": None, "nproc": args.nproc, "model": args.model, "width": args.width,
+        "image_size": args.image_size if args.model != "mlp" else None, "batch": args.batch,
+        "n_params": base.overlap_model_params(args), "wall_s": time.time() - t,
+        "load_avg": {"before": list(load_before), "after": list(load_after)},
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "where": f"CPU ({os.cpu_count()} cores), Horovod {horovod.__version__} gloo, 1 torch thread "
                              "per rank"},
         "summary": base.summarize(raw, args), "raw": raw,
     }
-    out = args.json_out or os.path.join(HERE, "results", f"conadv_overlap-{args.device}-horovod.json")
+    out = args.json_out or os.path.join(HERE, "results", f"conadv_overlap-{args.device}-horovod"
+                                        + (f"-{args.model}" if args.model != "mlp" else "") + ".json")
     base.write_report(report, out, args.markdown, markdown(report), _key(report))
     if with_ds:
         ds_out = out[:-len(".json")] + f"-deepspeed-stage{args.stage}.json"

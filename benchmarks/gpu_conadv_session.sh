@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short GPU session for the ConAdv overlap: two DeepSpeed ranks share the GPU through gloo
 # (NCCL refuses two ranks on one device), ZeRO 0 and 2, with and without CUDA MPS, each with the generation
-# started at the reduction (default) and with the backward (conadv_bwd).
+# started at the reduction (default) and with the backward (conadv_bwd). With the argument "resnet": the
+# ResNet-18-shaped CNN instead, with DeepSpeed's overlap_comm at ZeRO 1/2.
 # Expects: repo root as cwd; wheels in .whl/ (DeepSpeed + deps); $OUT.
 source "$(dirname "$0")/gpu_env.sh"  # $OUT, carried wheels, PYTHONPATH
 LOG="$OUT/session.log"
@@ -13,6 +14,14 @@ run() {  # $1: tag, rest: arguments
     timeout 110 python3 benchmarks/conadv_overlap.py --device cuda --compare-start --tag "$tag" \
         --json "$OUT/conadv_overlap-cuda-$tag.json" "$@" 2>&1 | grep -v -i "warn\|return func" | tail -22 >> "$LOG"
 }
+if [ "${1:-}" = "resnet" ]; then
+    # the ResNet-18 shape at ZeRO 0, 1 and 2, at 1 and 2 with DeepSpeed's overlap_comm beside ConAdv (modes *_oc)
+    run r18-s0-b256 --model resnet18 --image-size 32 --batch 256 --stage 0 --rounds 15
+    run r18-s1-b256 --model resnet18 --image-size 32 --batch 256 --stage 1 --rounds 15 --overlap-comm
+    run r18-s2-b256 --model resnet18 --image-size 32 --batch 256 --stage 2 --rounds 15 --overlap-comm
+    cat "$LOG"
+    exit 0
+fi
 run s2-b2048 --stage 2 --batch 2048 --rounds 30
 run s0-b2048 --stage 0 --batch 2048 --rounds 30
 # The same with CUDA MPS: without it the two ranks' processes time-slice the GPU, so one rank's generation

@@ -121,9 +121,43 @@ def test_cli_bench_forwards_arguments(capsys):
                                                "AdamW(fused)"]
 
 
+def _overlap_common():
+    path = os.path.join(ROOT, "benchmarks", "_common.py")
+    spec = importlib.util.spec_from_file_location("overlap_common_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_conadv_overlap_models_have_the_reference_shapes():
+    """The overlap benchmarks' ResNets with ImageNet's stem have torchvision's parameter counts (ResNet-18
+    11,689,512 and ResNet-50 25,557,032 at 1000 classes, here 10); the CIFAR stem swaps the 7x7 conv for a 3x3; the
+    MLP's count is its formula; each model takes a batch of its pool."""
+    import torch
+
+    c = _overlap_common()
+    head = 990 * 513, 990 * 2049  # the 1000-class heads' extra rows (weights + bias) over 10 classes
+    stem = 3 * 64 * (49 - 9)
+    for model, reference, extra in (("resnet18", 11_689_512, head[0]), ("resnet50", 25_557_032, head[1])):
+        for size, stem_diff in ((224, 0), (32, stem)):
+            args = c.parse_args(["--model", model, "--image-size", str(size)])
+            assert args.width == 64
+            n = sum(p.numel() for p in c.overlap_model(args).parameters())
+            assert n == reference - extra - stem_diff, (model, size)
+    args = c.parse_args(["--width", "32"])
+    n_bn = 2 * 2 * 32  # one BatchNorm1d pair's weight + bias, twice
+    assert c.overlap_model_params(args) == 256 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10 + 2 * n_bn
+    for argv in (["--width", "32"], ["--model", "resnet18", "--width", "4", "--image-size", "8", "--batch", "2"]):
+        args = c.parse_args(argv)
+        x, y = c.batch_pool(args, 0, torch.device("cpu"), n=1)[0]
+        assert c.overlap_model(args)(x).shape == (len(y), 10)
+
+
 def test_conadv_overlap_benchmarks_run_at_tiny_size(tmp_path):
-    """benchmarks/conadv_overlap.py (DeepSpeed, 2 ranks, --compare-start) and its table, and, with Horovod,
-    benchmarks/conadv_overlap_horovod.py: every mode timed, the summary fields present."""
+    """benchmarks/conadv_overlap.py (DeepSpeed, 2 ranks, the ResNet-18 shape at width 4 on 8x8 images, ZeRO 2 with
+    --compare-start, --overlap-comm and a reduce bucket smaller than the gradient) and its table, and, with
+    Horovod, benchmarks/conadv_overlap_horovod.py on the MLP: every mode timed, the summary fields and the per-step
+    breakdown present."""
     import json
     import subprocess
     import sys
@@ -135,17 +169,33 @@ def test_conadv_overlap_benchmarks_run_at_tiny_size(tmp_path):
     out = tmp_path / "ds.json"
     md = tmp_path / "bench.md"
     tiny = ["--rounds", "2", "--steps-per-round", "1", "--width", "64", "--batch", "8"]
-    subprocess.run([sys.executable, str(root / "benchmarks" / "conadv_overlap.py"), *tiny, "--compare-start",
-                    "--tag", "smoke", "--json", str(out), "--markdown", str(md)],
+    conv = ["--rounds", "2", "--steps-per-round", "1", "--model", "resnet18", "--width", "4", "--image-size", "8",
+            "--batch", "2"]
+    subprocess.run([sys.executable, str(root / "benchmarks" / "conadv_overlap.py"), *conv, "--compare-start",
+                    "--overlap-comm", "--reduce-bucket", "20000", "--tag", "smoke", "--json", str(out), "--markdown",
+                    str(md)],
                    env=base_env(), cwd=root, check=True, capture_output=True, timeout=300)
     report = json.loads(out.read_text())
     s = report["summary"]
-    assert set(s["median_s"]) == {"vanilla", "disadv", "conadv", "no_gen", "conadv_bwd", "gen"}
+    modes = {"vanilla", "disadv", "conadv", "no_gen", "conadv_bwd", "vanilla_oc", "conadv_oc", "no_gen_oc"}
+    assert set(s["median_s"]) == modes | {"gen"}
     assert s["reduction_s"] > 0 and "exposed_fraction_generation_with_backward" in s
-    assert "conadv_overlap:BEGIN conadv_overlap/cpu/stage2/smoke" in md.read_text()
+    assert "exposed_fraction_overlap_comm" in s and "conadv_oc/vanilla_oc" in s["ratios"]
+    assert report["model"] == "resnet18" and report["reduce_bucket"] == 20000  # ~44 k params: several buckets
+    assert report["load_avg"]["before"] and report["load_avg"]["after"]
+    assert set(s["phases_s"]) == modes
+    assert s["phases_s"]["conadv"]["generation_beside_reduction"] > 0 and s["phases_s"]["no_gen"]["reduction"] > 0
+    if sys.platform.startswith("linux"):
+        assert set(s["sched"]) == modes | {"gen"} and s["sched"]["conadv"]["cpu_s"] > 0
+    text = md.read_text()
+    assert "conadv_overlap:BEGIN conadv_overlap/cpu/stage2/resnet18/smoke" in text and "ResNet-18-shaped" in text
+    assert "Where a step's time goes" in text
     table = subprocess.run([sys.executable, str(root / "benchmarks" / "conadv_overlap.py"), "--table", str(out)],
                            capture_output=True, text=True, check=True).stdout
-    assert table.count("\n") == 3 and "| smoke | 2 | 8 |" in table
+    assert table.count("\n") == 3 and "| smoke | 2 | 2 |" in table
+    refused = subprocess.run([sys.executable, str(root / "benchmarks" / "conadv_overlap.py"), "--stage", "0",
+                              "--overlap-comm"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "ZeRO stage 1/2 options" in refused.stderr
     if subprocess.run([sys.executable, "-c", "import horovod.torch"], capture_output=True).returncode == 0:
         hout = tmp_path / "hvd.json"
         subprocess.run([sys.executable, str(root / "benchmarks" / "conadv_overlap_horovod.py"), *tiny,
