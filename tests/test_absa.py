@@ -85,10 +85,21 @@ def test_state_dict_round_trip_continues_identically(tmp_path):
     ({"eig_ratio": 1.5}, "absa.eig_ratio"),
     ({"lr_scaling": "cubic"}, "absa.lr_scaling"),
     ({"factr": 2}, 'unknown key "factr" in "absa"; allowed keys: enabled, interval'),
+    ({"eig_samples": 512, "eig_batches": 4}, '"eig_batches" and "eig_samples" are both set: give one'),
+    ({"eig_samples": 0}, "absa.eig_samples"),
 ])
 def test_config_errors_name_the_key(section, match):
     with pytest.raises(ConfigError, match=match):
         ABSAConfig.from_section(section)
+
+
+def test_eig_samples_counts_examples_over_all_ranks():
+    cfg = ABSAConfig.from_section({"eig_samples": 512})
+    assert [cfg.eig_batches_per_rank(16, w) for w in (1, 2, 3)] == [32, 16, 11]  # at least 512 examples
+    assert ABSAConfig.from_section({"eig_batches": 4}).eig_batches_per_rank(16, 2) == 4
+    cfg = ABSAConfig.from_section({"eig_batches": 4})
+    with pytest.raises(ValueError, match='"eig_batches" and "eig_samples" are both set'):
+        cfg.eig_samples = 64                                    # an assignment is checked too
 
 
 def test_accumulation_steps_must_divide():
@@ -145,8 +156,8 @@ def trainer(section=None, micro=4, eigs=(10.0, 4.0, 9.0, 1.0, 1.0, 1.0), lr_sche
     opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
                                   {"params": model[2].parameters(), "lr": 0.03}], momentum=0.9)
     sched = lr_scheduler(opt) if lr_scheduler else None
-    cfg = {"enabled": True, "max_batch": 4 * micro, "epsilon": 0.05, "duration": 100, "eig_batches": 2,
-           **(section or {})}
+    cfg = {"enabled": True, "max_batch": 4 * micro, "epsilon": 0.05, "duration": 100,
+           **({} if "eig_samples" in (section or {}) else {"eig_batches": 2}), **(section or {})}
     return ABSATrainer(model, opt, cfg, micro, lr_scheduler=sched, eigenvalue_fn=scripted(eigs), **kw)
 
 
@@ -253,12 +264,15 @@ def test_driver_state_round_trip_continues_identically():
         resumed.end_epoch(2)
 
 
-def test_real_eigenvalue_log_and_plot(tmp_path):
-    tr = trainer({"eig_batches": 3, "eig_max_iter": 20}, log_dir=str(tmp_path))
+@pytest.mark.parametrize("size", [{"eig_batches": 3}, {"eig_samples": 9}])  # 9 examples: 3 micro-batches of 4
+def test_real_eigenvalue_log_and_plot(tmp_path, size):
+    tr = trainer({**size, "eig_max_iter": 20}, log_dir=str(tmp_path))
     tr.eigenvalue_fn = None  # the real measurement: ds_conadv.hessian on the last 3 micro-batches
+    assert tr.eig_batches == 3
     data = tiny_stream(4)
-    for _ in range(3):
+    for _ in range(4):
         tr.train_batch(data)
+    assert len(tr._eig_buffer) == 3
     from ds_conadv.hessian import Hessian
 
     expected, _ = Hessian(tr.model, torch.nn.functional.cross_entropy, dataloader=list(tr._eig_buffer),
@@ -266,7 +280,8 @@ def test_real_eigenvalue_log_and_plot(tmp_path):
     row = tr.end_epoch()
     assert row["eigenvalue"] == pytest.approx(expected[0], rel=1e-6) and tr.last_info["samples"] == 12
     saved = json.loads((tmp_path / "absa_log.json").read_text())
-    assert saved["epochs"][0]["eigenvalue"] == row["eigenvalue"] and saved["absa"]["eig_batches"] == 3
+    assert saved["epochs"][0]["eigenvalue"] == row["eigenvalue"]
+    assert {k: saved["absa"][k] for k in size} == size
     assert (tmp_path / "absa_log.csv").read_text().splitlines()[0].startswith("epoch,global_batch,micro_batch")
     assert tr.plot(str(tmp_path / "absa.png")) and (tmp_path / "absa.png").stat().st_size > 1000
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ds_conadv.study.core import StudyTrainer, adv_config, run_spec
-from ds_conadv.study.runner import main
+from ds_conadv.study.runner import growths_brought_forward, main
 from ds_conadv.study.tasks import make_task
 
 
@@ -53,6 +53,20 @@ def test_staleness_guard_regenerates_and_frozen_bn_keeps_clean_statistics():
     ref(x)
     for (k, v), (_, r) in zip(model.state_dict().items(), ref.state_dict().items()):
         assert torch.allclose(v.float(), r.float()), k
+
+
+def test_absa_clock_measures_no_eigenvalue_and_early_growths_are_counted():
+    task = make_task("shapes", 0, (64, 16, 16))
+    absa = {"max_batch": 64, "duration": 1, "adv_ratio": 0.2, "lr_scaling": "sqrt", "stop_epoch": 3,
+            "epsilon": 0.02, "eig_samples": 0}
+    res = run_spec(_spec(optimizer="sgd", lr=0.05, epochs=3, absa=absa), task)
+    assert res["eig_time_s"] == 0 and all(row["eigenvalue"] is None for row in res["absa_log"])
+    assert (res["growths_eigenvalue"], res["growths_duration"], res["final_batch"]) == (0, 2, 64)
+    # duration 5: an eigenvalue growth at the epoch the clock fires too is not early; one 2 epochs after a growth is
+    log = [{"epoch": 4, "grew": True, "reason": "eigenvalue 1 <= 0.5 x 3"}, {"epoch": 5, "grew": False, "reason": ""},
+           {"epoch": 6, "grew": True, "reason": "eigenvalue 1 <= 0.5 x 4"},
+           {"epoch": 11, "grew": True, "reason": "5 epochs without growth"}]
+    assert growths_brought_forward({"spec": {"absa": {"duration": 5}}, "result": {"absa_log": log}}) == 1
 
 
 def test_quick_study_runs_resumes_and_writes_results(tmp_path):

@@ -5,9 +5,10 @@ Per global step (:meth:`ABSADriver.train_batch`): ``gradient_accumulation_steps`
 with its first ``floor(adv_ratio · micro)`` examples replaced by adversarial ones (FGSM by default, made with
 :func:`ds_conadv.conadv.perturb.generate` against the current weights), one loss on the mixed micro-batch, one
 optimizer step at the end. Per epoch (:meth:`ABSADriver.end_epoch`): when the schedule wants it, the top
-eigenvalue (power iteration, ``eig_batches`` batches per rank, all ranks' batches together; rank 0's value is
-broadcast so that every rank takes the same decision), then the schedule's decision: a larger global batch (more
-gradient accumulation steps at the same micro batch), the LR multiplier, the adversarial ratio.
+eigenvalue (power iteration, ``eig_batches`` batches per rank or enough of them for ``eig_samples`` examples, all
+ranks' batches together; rank 0's value is broadcast so that every rank takes the same decision), then the
+schedule's decision: a larger global batch (more gradient accumulation steps at the same micro batch), the LR
+multiplier, the adversarial ratio.
 
 Three front ends share that logic:
 
@@ -169,7 +170,7 @@ class ABSADriver:
         self.schedule = ABSASchedule(self.cfg, batch=start, lr=1.0)
         self._raw_lrs: List[float] = [float(g["lr"]) for g in self.param_groups]
         self.generator = torch.Generator().manual_seed(self.seed + 1000003 * self.rank)
-        self._eig_buffer: collections.deque = collections.deque(maxlen=self.cfg.eig_batches)
+        self._eig_buffer: collections.deque = collections.deque(maxlen=self.eig_batches)
         self.epoch = 0
         self.samples = 0  # over all ranks
         self.log: List[Dict[str, Any]] = []
@@ -253,8 +254,14 @@ class ABSADriver:
                 "grad_accum_steps": gas, "lr": lr, "step": self.schedule.steps}
 
     # -- the eigenvalue ----------------------------------------------------------------------------------------
+    @property
+    def eig_batches(self) -> int:
+        """Micro-batches per rank the eigenvalue is measured on (``"eig_batches"``, or enough for ``"eig_samples"``
+        examples over all ranks)."""
+        return self.cfg.eig_batches_per_rank(self.micro_batch, self.world_size)
+
     def _eig_batches(self, epoch: int) -> List[Any]:
-        n = self.cfg.eig_batches
+        n = self.eig_batches
         if self.eig_data is None:
             batches = list(self._eig_buffer)
         elif callable(self.eig_data):

@@ -8,8 +8,9 @@ Hessian eigenvalues into the batch size, learning rate and adversarial ratio of 
 Rules, checked once per epoch in :meth:`ABSASchedule.end_epoch`:
 
 * every ``interval`` epochs (while checks are on) the caller measures the top eigenvalue λ on ``eig_batches``
-  batches and passes it in; λ_ref is the largest eigenvalue seen **since the batch last grew** (a reference that
-  is never reset would trigger at every check after the first growth, because the landscape stays flat);
+  micro-batches per rank (or on at least ``eig_samples`` examples over all ranks) and passes it in; λ_ref is the
+  largest eigenvalue seen **since the batch last grew** (a reference that is never reset would trigger at every
+  check after the first growth, because the landscape stays flat);
 * the batch grows when λ ≤ ``eig_ratio`` · λ_ref, or when ``duration`` epochs have passed since it last grew
   (or since the start);
 * growing multiplies the global batch by ``factor`` (capped at ``max_batch``; the applied factor f is the ratio
@@ -38,7 +39,10 @@ class ABSAConfig(SectionModel):
     section_name: ClassVar[str] = "absa"
     enabled: bool = False
     interval: int = Field(1, ge=1, description="epochs between eigenvalue checks")
-    eig_batches: int = Field(10, ge=1, description="batches the top eigenvalue is measured on")
+    eig_batches: int = Field(10, ge=1, description="micro-batches per rank the top eigenvalue is measured on")
+    eig_samples: Optional[int] = Field(
+        None, ge=1, description="examples (all ranks together) the top eigenvalue is measured on, at least; replaces "
+                                "eig_batches by ceil(eig_samples / (micro batch x ranks))")
     eig_max_iter: int = Field(10, ge=1, description="power-iteration products per check at most (HessianFlow: 10)")
     eig_tol: float = Field(1e-2, gt=0.0, description="stop the power iteration at this relative change")
     eig_ratio: float = Field(0.5, gt=0.0, le=1.0, description="grow when lambda <= eig_ratio * lambda_ref")
@@ -54,7 +58,17 @@ class ABSAConfig(SectionModel):
     def _needs_max_batch(self):
         if self.enabled and self.max_batch is None:
             raise ValueError('"max_batch" is required when "enabled" is true')
+        if self.eig_samples is not None and "eig_batches" in self.model_fields_set:
+            raise ValueError('"eig_batches" and "eig_samples" are both set: give one (eig_samples counts examples '
+                             'over all ranks, eig_batches micro-batches per rank)')
         return self
+
+    def eig_batches_per_rank(self, micro_batch: int, world_size: int) -> int:
+        """Micro-batches per rank the eigenvalue is measured on: ``eig_batches``, or with ``eig_samples`` the fewest
+        that hold that many examples over all ranks."""
+        if self.eig_samples is None:
+            return self.eig_batches
+        return -(-self.eig_samples // (int(micro_batch) * int(world_size)))
 
 
 @dataclass

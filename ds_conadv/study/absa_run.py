@@ -3,9 +3,10 @@
 The policy is the library's :class:`ds_conadv.absa.ABSASchedule` (grow when λ ≤ eig_ratio · λ_ref, or after
 ``duration`` epochs; batch ×factor, LR ×factor, adversarial ratio ÷factor); the eigenvalue comes from
 :class:`ds_conadv.hessian.Hessian` (power iteration, eval mode) on ``eig_samples`` fresh training examples per
-check. ``ema`` (0 = off) smooths the measured eigenvalues before the rule sees them:
-``s_k = ema · s_{k-1} + (1 - ema) · λ_k`` (restarted at each growth), so one noisy high measurement does not set
-the reference and one noisy low one does not trigger a growth. On top of the schedule's LR, the same warm-up
+check (0: none, so that ``duration`` alone grows the batch: a fixed clock to compare the rule with). ``ema``
+(0 = off) smooths the measured eigenvalues before the rule sees them: ``s_k = ema · s_{k-1} + (1 - ema) · λ_k``
+(restarted at each growth), so one noisy high measurement does not set the reference and one noisy low one does
+not trigger a growth. On top of the schedule's LR, the same warm-up
 and cosine decay over the epoch budget as the fixed-batch regimes.
 """
 from __future__ import annotations
@@ -87,7 +88,7 @@ def run_absa(spec: Dict[str, Any], task, model, split: str, progress=None, *, bu
         if diverged:
             break
         eig = None
-        if sched.wants_eigenvalue(epoch):
+        if sched.wants_eigenvalue(epoch) and a.get("eig_samples", 128) > 0:
             from ds_conadv.hessian import Hessian
             te = time.perf_counter()
             sel = torch.randperm(n, generator=eg)[: a.get("eig_samples", 128)]

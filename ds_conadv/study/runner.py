@@ -34,7 +34,7 @@ __all__ = ["main", "suite_settings", "REGIMES"]
 
 REGIMES = ("sgd_small", "lars", "lamb", "lars+disadv", "lars+conadv_t1", "lars+conadv_t2", "lars+conadv_t4",
            "lars+disadv_mean", "lars+conadv_t1_mean", "lars+conadv_t2_mean", "lamb+disadv", "lamb+conadv_t1",
-           "absa_default", "absa_eig")
+           "absa_default", "absa_eig", "absa_eig512", "absa_eig512_r07", "absa_duration4")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,6 +61,11 @@ def suite_settings(quick: bool = False) -> Dict[str, Any]:
                  "epsilon": {"image": 0.02, "tokens": 0.2}},
         "absa_default_eig": {"eig_samples": 128, "ema": 0.0},
         "absa_tuned_eig": {"eig_samples": 512, "ema": 0.5},
+        # no smoothing (an EMA removes the rule's firing): 512 examples at the rule's ratio 0.5, and at 0.7
+        "absa_eig512": {"eig_samples": 512, "ema": 0.0, "eig_ratio": 0.5},
+        "absa_eig512_r07": {"eig_samples": 512, "ema": 0.0, "eig_ratio": 0.7},
+        # no eigenvalue at all: the batch doubles every 4 epochs (about the steps of absa_eig512_r07), a clock
+        "absa_duration4": {"eig_samples": 0, "duration": 4},
         "variants_tasks": ["digits", "shapes", "motifs"],
         "variant_seeds": 1,
         "sweep_batches": [32, 128, 512, 1024],
@@ -74,6 +79,9 @@ def suite_settings(quick: bool = False) -> Dict[str, Any]:
                        "epsilon": {"image": 0.02, "tokens": 0.2}},
                  absa_default_eig={"eig_samples": 32, "ema": 0.0, "eig_max_iter": 2},
                  absa_tuned_eig={"eig_samples": 64, "ema": 0.5, "eig_max_iter": 2},
+                 absa_eig512={"eig_samples": 64, "ema": 0.0, "eig_ratio": 0.5, "eig_max_iter": 2},
+                 absa_eig512_r07={"eig_samples": 64, "ema": 0.0, "eig_ratio": 0.7, "eig_max_iter": 2},
+                 absa_duration4={"eig_samples": 0, "duration": 1},
                  variants_tasks=["shapes"], sweep_batches=[64, 128], robustness=True)
     return s
 
@@ -236,6 +244,8 @@ def tune(runner: Runner, s: Dict[str, Any], task: str, adversarial: Any = True) 
     a = dict(s["absa"], epsilon=s["absa"]["epsilon"][_kind(task)])
     chosen["absa_default"] = dict(sgd, absa=dict(a, **s["absa_default_eig"]))
     chosen["absa_eig"] = dict(sgd, absa=dict(a, **s["absa_tuned_eig"]))
+    for name in ("absa_eig512", "absa_eig512_r07", "absa_duration4"):
+        chosen[name] = dict(sgd, absa=dict(a, **s[name]))
     return {"chosen": chosen, "tuning": tuning}
 
 
@@ -324,6 +334,17 @@ def _ms(vals: List[float]) -> Dict[str, float]:
             "n": len(vals), "values": vals}
 
 
+def growths_brought_forward(rec: Dict[str, Any]) -> int:
+    """Eigenvalue-triggered growths of an ABSA run that came before ``duration`` would have grown the batch (one
+    at the epoch ``duration`` fires too is the clock's as much as the rule's)."""
+    duration, last, early = rec["spec"]["absa"]["duration"], 0, 0
+    for row in rec["result"]["absa_log"]:
+        if row["grew"]:
+            early += row["reason"].startswith("eigenvalue") and row["epoch"] + 1 - last < duration
+            last = row["epoch"] + 1
+    return early
+
+
 def summarize_final(fin: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
     table = {}
     for k, recs in fin.items():
@@ -337,7 +358,9 @@ def summarize_final(fin: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
         if rs and "absa_log" in rs[0]:
             row["growths_eigenvalue"] = [r["growths_eigenvalue"] for r in rs]
             row["growths_duration"] = [r["growths_duration"] for r in rs]
+            row["growths_brought_forward"] = [growths_brought_forward(r) for r in recs]
             row["eig_time_s"] = _ms([r["eig_time_s"] for r in rs])
+            row["absa"] = {k: recs[0]["spec"]["absa"].get(k) for k in ("eig_samples", "ema", "eig_ratio", "duration")}
         table[k] = row
     sgd = table.get("sgd_small", {}).get("test_acc", {}).get("mean")
     for base in ("lars", "lamb"):
@@ -409,19 +432,25 @@ def plot_absa(fin_all: Dict[str, Dict[str, List[Dict[str, Any]]]], path: str) ->
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, max(len(tasks), 1), squeeze=False)
     for j, task in enumerate(tasks):
-        for k, style in (("absa_default", "o-"), ("absa_eig", "s-")):
+        for k, style in (("absa_default", "o-"), ("absa_eig", "s-"), ("absa_eig512", "^-"),
+                         ("absa_eig512_r07", "v-"), ("absa_duration4", "x:")):
             for r in fin_all[task].get(k, [])[:1]:
                 log = r["result"]["absa_log"]
                 pts = [(row["epoch"], row["eigenvalue"]) for row in log if row["eigenvalue"] is not None]
                 if pts:
                     axes[0, j].plot(*zip(*pts), style, ms=3, label=k)
-                axes[1, j].plot([row["epoch"] for row in log], [row["batch"] for row in log], style, ms=3,
-                                label=k, drawstyle="steps-post")
+                line, = axes[1, j].plot([row["epoch"] for row in log], [row["batch"] for row in log], style, ms=3,
+                                        label=k, drawstyle="steps-post")
+                eig_grown = [(row["epoch"], row["batch"]) for row in log
+                             if row["grew"] and row["reason"].startswith("eigenvalue")]
+                if eig_grown:                  # the growths the eigenvalue rule triggered
+                    axes[1, j].plot(*zip(*eig_grown), "*", ms=9, color=line.get_color(), alpha=0.6)
         axes[0, j].set_title(f"{task}: eigenvalue the rule sees (seed 0)", fontsize=9)
-        axes[1, j].set_title(f"{task}: batch size", fontsize=9)
+        axes[1, j].set_title(f"{task}: batch size (seed 0; *: grown by the eigenvalue rule)", fontsize=9)
         axes[1, j].set_yscale("log", base=2)
         for ax in axes[:, j]:
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
             ax.set_xlabel("epoch")
     fig.tight_layout()
@@ -453,6 +482,26 @@ def markdown(summary: Dict[str, Any]) -> str:
                              f"{r['steps']['mean']:.0f} | {r['wall_time_s']['mean']:.0f} | "
                              f"{f(r.get('pgd10_acc'))} | {f(r.get('configured_attack_acc'))} |")
             lines.append("")
+            absa = [k for k in REGIMES if k in fin and "growths_eigenvalue" in fin[k]]
+            if absa:
+                lines += [f"**{task} ABSA**: which rule grows the batch (test/val: mean ± std over seeds)", "",
+                          "| regime | eigenvalue samples / EMA / ratio / duration | test | val | steps | growths by "
+                          "eigenvalue / by duration, per seed | eigenvalue growths before `duration` | "
+                          "eigenvalue s | wall s |",
+                          "|---|---|---|---|---|---|---|---|---|"]
+                for k in absa:
+                    r = fin[k]
+                    ac = r.get("absa", {})
+                    setting = (f"{ac.get('eig_samples')} / {ac.get('ema') or 0} / {ac.get('eig_ratio') or 0.5} / "
+                               f"{ac.get('duration')}" if ac.get("eig_samples") else
+                               f"none / - / - / {ac.get('duration')}")
+                    per_seed = ", ".join(f"{e}/{d}" for e, d in zip(r["growths_eigenvalue"], r["growths_duration"]))
+                    fwd = r.get("growths_brought_forward", [])
+                    total = sum(r["growths_eigenvalue"]) + sum(r["growths_duration"])
+                    lines.append(f"| {k} | {setting} | {f(r['test_acc'])} | {f(r['val_acc'])} | "
+                                 f"{r['steps']['mean']:.0f} | {per_seed} | {sum(fwd)} of {total} | "
+                                 f"{r['eig_time_s']['mean']:.0f} | {r['wall_time_s']['mean']:.0f} |")
+                lines.append("")
         var = entry.get("variants")
         if var:
             lines += [f"**{task} variants** (validation accuracy %, seed 0)", "",
