@@ -5,8 +5,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
@@ -44,29 +46,78 @@ def _run(cmd: List[str], env: dict, timeout: float, cwd: Optional[Path] = None) 
     return proc.stdout
 
 
+#: a rank's rendezvous store could not listen on the chosen port: another job took it between free_port() and
+#: the bind (concurrent test runs on one machine); the launch is retried on a new port
+PORT_TAKEN = "EADDRINUSE"
+
+
+def _wait_all(procs: List[subprocess.Popen], timeout: float, what: str, label: str,
+              kill: Callable[[subprocess.Popen], None]) -> List[str]:
+    """Wait for every process under one hard deadline. The first one to exit non-zero ends the wait: the others
+    are killed at once (a rank waiting in a collective for a dead peer would otherwise sit out the whole timeout)
+    and the failure names it with its output. Each output pipe is drained by a thread as it is written (a full
+    pipe would block its writer)."""
+    chunks: List[List[str]] = [[] for _ in procs]
+    readers = [threading.Thread(target=lambda out, proc: out.extend(iter(proc.stdout.readline, "")),
+                                args=(chunks[i], proc), daemon=True) for i, proc in enumerate(procs)]
+    for reader in readers:
+        reader.start()
+
+    def output(index: int) -> str:
+        readers[index].join(timeout=30)
+        return "".join(chunks[index])
+
+    def stop(indices) -> None:
+        for index in indices:
+            try:
+                kill(procs[index])
+            except (ProcessLookupError, PermissionError):
+                pass  # already gone
+        for index in indices:
+            procs[index].wait(timeout=30)
+
+    deadline = time.monotonic() + timeout
+    pending = set(range(len(procs)))
+    while pending:
+        for index in sorted(pending):
+            if procs[index].poll() is None:
+                continue
+            pending.discard(index)
+            if procs[index].returncode != 0:
+                stop(pending)
+                out = output(index)
+                raise RankFailed(f"{label} {index} of {what} exited {procs[index].returncode}:\n{out[-8000:]}", out)
+        if pending and time.monotonic() > deadline:
+            stop(pending)
+            raise AssertionError(f"{what} timed out after {timeout}s")
+        if pending:
+            time.sleep(0.05)
+    return [output(index) for index in range(len(procs))]
+
+
+class RankFailed(AssertionError):
+    def __init__(self, message: str, output: str):
+        super().__init__(message)
+        self.output = output
+
+
 def spawn(script: str, args: List[str], world_size: int = 2, timeout: float = 300) -> List[str]:
     """Start ``world_size`` processes of ``tests/workers/<script>`` with torch.distributed env vars."""
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = base_env()
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(WORKERS / script), *args], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=timeout)
-            outputs.append(out)
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        raise AssertionError(f"{script} {' '.join(args)} timed out after {timeout}s") from None
-    for rank, (proc, out) in enumerate(zip(procs, outputs)):
-        if proc.returncode != 0:
-            raise AssertionError(f"rank {rank} of {script} {' '.join(args)} exited {proc.returncode}:\n{out[-8000:]}")
-    return outputs
+    for attempt in range(3):
+        port = free_port()
+        procs = []
+        for rank in range(world_size):
+            env = base_env()
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            procs.append(subprocess.Popen([sys.executable, str(WORKERS / script), *args], env=env, cwd=ROOT,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        try:
+            return _wait_all(procs, timeout, f"{script} {' '.join(args)}", "rank", lambda proc: proc.kill())
+        except RankFailed as exc:
+            if PORT_TAKEN not in exc.output or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def torchrun(script: str, args: List[str], nproc: int = 2, timeout: float = 300) -> str:
@@ -85,19 +136,7 @@ def _run_nodes(cmds: List[List[str]], env: dict, timeout: float, what: str) -> L
     """Start one launcher process per simulated node, all at once; a hard timeout kills every one of them."""
     procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True) for cmd in cmds]
-    outputs = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=timeout)
-            outputs.append(out)
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            os.killpg(proc.pid, 9)  # the launcher and the ranks it started
-        raise AssertionError(f"{what} timed out after {timeout}s") from None
-    for node, (proc, out) in enumerate(zip(procs, outputs)):
-        if proc.returncode != 0:
-            raise AssertionError(f"node {node} of {what} exited {proc.returncode}:\n{out[-8000:]}")
-    return outputs
+    return _wait_all(procs, timeout, what, "node", lambda proc: os.killpg(proc.pid, 9))  # launcher + its ranks
 
 
 def torchrun_nodes(script: str, args: List[str], nnodes: int = 2, nproc: int = 1, timeout: float = 300) -> List[str]:
