@@ -186,6 +186,12 @@ def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
             f"{type(wrapper).__name__}; supported: no wrapper (fp32), FP16_Optimizer, "
             "BF16_Optimizer, ZeRO stage 1, 2 and 3"
         )
+    if kind in ("zero12", "zero3"):
+        # ZeRO steps our optimizer group by group (ZeRO 3: sub-group by sub-group): the inf/NaN verdict must be
+        # one per DeepSpeed step, taken before the first call
+        compat.skip_nonfinite_steps_whole(wrapper, lambda: bool(trust._global_setting("skip_nonfinite")))
+    if kind == "zero3":
+        compat.wait_for_coalesced_allgathers()
     trust.mark_attached()
     return trust
 
