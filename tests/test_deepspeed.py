@@ -306,3 +306,18 @@ def test_validate_config_rejects_bad_optimizer_params(tmp_path):
     bad = {**BASE, "optimizer": {"type": "LARS", "params": {"lr": 1.0, "trust_coef": 0.01}}}
     with pytest.raises(ConfigError, match='unknown key "trust_coef"'):
         validate_config(bad)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_own_clipping_per_group_call_is_refused(stage):
+    """Our max_grad_norm on a LAMB with two param groups given to plain deepspeed.initialize: ZeRO 1/2 step it once
+    per group and ZeRO 3 once per sub-group (here one per group), so its clipping norm would be per call. Refused
+    at the first step in one line naming the fix, params untouched; LARS (one group, one call) steps."""
+    (out,) = spawn("ds_own_clip.py", ["--stage", str(stage)], world_size=1, timeout=240)
+    cases = {c["case"]: c for c in (json.loads(line) for line in out.splitlines() if line.startswith('{"case"'))}
+    assert cases["lars"]["refused"] is None
+    lamb = cases["lamb"]
+    assert lamb["params_unchanged"]
+    unit = "param groups" if stage == 2 else "sub-groups"
+    assert "max_grad_norm=0.5" in lamb["refused"] and f"2 {unit}" in lamb["refused"]
+    assert '"gradient_clipping"' in lamb["refused"]
