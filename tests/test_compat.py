@@ -120,3 +120,119 @@ def test_missing_shm_op_table_warns(monkeypatch):
     monkeypatch.setattr(deepspeed.ops, "__compatible_ops__", None, raising=False)
     with pytest.warns(compat.DeepSpeedCompatWarning, match="__compatible_ops__"):
         compat.skip_shm_op_build()
+
+
+# -- DeepSpeed < 0.19.8: one inf/NaN verdict per ZeRO step, ZeRO-3 gathers that wait on gloo ---------------------
+class DeepSpeedZeroOptimizer_Stage3:  # noqa: N801 - named like DeepSpeed's ZeRO-3 wrapper
+    """The parts of the wrapper the repair uses: before 0.19.8 a non-fp16 step reads ``overflow`` but never sets it,
+    and steps its (sub-)groups one call at a time."""
+
+    def __init__(self, dtype=torch.float32):
+        self.dtype, self.overflow, self.nonfinite, self.applied = dtype, False, False, []
+
+    def check_overflow(self, partition_gradients=True):
+        self.overflow = self.nonfinite
+
+    def step(self):
+        self.applied.append(not self.overflow)
+
+
+class DeepSpeedZeroOptimizer(DeepSpeedZeroOptimizer_Stage3):  # ZeRO 1/2 of 0.18 on: DeepSpeed's own switch
+    def __init__(self, dtype=torch.bfloat16):
+        super().__init__(dtype)
+        self.check_grad_overflow = False
+
+    def step(self):
+        if self.check_grad_overflow:
+            self.check_overflow()
+        super().step()
+
+
+def _as_version(monkeypatch, version):
+    monkeypatch.setattr(compat, "_installed_version", lambda: version)
+
+
+@pytest.mark.parametrize(
+    "version,kind,dtype,itself",
+    [
+        ("0.16.9", "zero3", torch.float32, False),
+        ("0.19.7", "zero3", torch.bfloat16, False),
+        ("0.19.8", "zero3", torch.float32, True),
+        ("0.16.9", "zero3", torch.float16, True),
+        ("0.18.0", "zero12", torch.float32, False),
+        ("0.19.8", "zero12", torch.float32, True),
+        ("0.19.8", "zero12", torch.bfloat16, False),
+    ],
+)
+def test_which_deepspeed_skips_a_nonfinite_step_itself(monkeypatch, version, kind, dtype, itself):
+    _as_version(monkeypatch, version)
+    wrapper = (DeepSpeedZeroOptimizer_Stage3 if kind == "zero3" else DeepSpeedZeroOptimizer)(dtype)
+    assert compat.deepspeed_skips_nonfinite(wrapper) is itself
+    if kind == "zero12":
+        wrapper.check_grad_overflow = True  # "bf16": {"check_grad_overflow": true}
+        assert compat.deepspeed_skips_nonfinite(wrapper)
+
+
+@pytest.mark.parametrize("cls", [DeepSpeedZeroOptimizer_Stage3, DeepSpeedZeroOptimizer])
+def test_old_zero_skips_a_nonfinite_step_whole(monkeypatch, cls):
+    """DeepSpeed's overflow check runs before every step while skip_nonfinite is on: the step with a NaN is skipped
+    whole (no group applied), the next one applies; with skip_nonfinite off an earlier verdict does not linger."""
+    _as_version(monkeypatch, "0.18.0" if cls is DeepSpeedZeroOptimizer else "0.16.9")
+    on = [True]
+    wrapper = cls()
+    assert compat.skip_nonfinite_steps_whole(wrapper, lambda: on[0])
+    assert compat.skip_nonfinite_steps_whole(wrapper, lambda: on[0])  # idempotent
+    wrapper.nonfinite = True
+    wrapper.step()
+    wrapper.nonfinite = False
+    wrapper.step()
+    wrapper.nonfinite, on[0] = True, False
+    wrapper.step()
+    assert wrapper.applied == [False, True, True]
+
+
+def test_zero_that_skips_itself_is_left_alone(monkeypatch):
+    _as_version(monkeypatch, "0.19.8")
+    wrapper = DeepSpeedZeroOptimizer_Stage3()
+    assert compat.skip_nonfinite_steps_whole(wrapper, lambda: True)
+    assert "step" not in vars(wrapper)
+
+
+def test_old_zero_without_overflow_check_warns(monkeypatch):
+    _as_version(monkeypatch, "0.16.9")
+    wrapper = DeepSpeedZeroOptimizer_Stage3()
+    monkeypatch.setattr(DeepSpeedZeroOptimizer_Stage3, "check_overflow", None)
+    with pytest.warns(compat.DeepSpeedCompatWarning, match="check_overflow.*per param group"):
+        assert compat.skip_nonfinite_steps_whole(wrapper, lambda: True) is False
+
+
+def test_old_zero3_gathers_wait_for_every_param(monkeypatch):
+    """Before 0.19.8 ZeRO-3's coalesced gather is followed by a barrier on its gloo groups (which gloo completes
+    after every earlier operation), patched once; from 0.19.8 it is left as it is."""
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    calls = []
+
+    def gather(self, param_list, hierarchy=0, quantize=False):
+        calls.append(("gather", list(param_list)))
+
+    monkeypatch.setattr(Init, "_allgather_params_coalesced", gather)
+    monkeypatch.setattr(compat, "_gloo_groups", lambda init, params: ["dp"] if params else [])
+    monkeypatch.setattr(torch.distributed, "barrier", lambda group=None: calls.append(("barrier", group)))
+    _as_version(monkeypatch, "0.19.8")
+    assert compat.wait_for_coalesced_allgathers() is False
+    assert Init._allgather_params_coalesced is gather
+    _as_version(monkeypatch, "0.16.9")
+    assert compat.wait_for_coalesced_allgathers() and compat.wait_for_coalesced_allgathers()
+    Init._allgather_params_coalesced(None, ["w", "b"])
+    Init._allgather_params_coalesced(None, [])
+    assert calls == [("gather", ["w", "b"]), ("barrier", "dp"), ("gather", [])]
+
+
+def test_old_zero3_without_coalesced_gather_warns(monkeypatch):
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    monkeypatch.delattr(Init, "_allgather_params_coalesced")
+    _as_version(monkeypatch, "0.16.9")
+    with pytest.warns(compat.DeepSpeedCompatWarning, match="_allgather_params_coalesced"):
+        assert compat.wait_for_coalesced_allgathers() is False

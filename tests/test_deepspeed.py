@@ -197,27 +197,15 @@ def test_bf16_stages_agree(tmp_path):
         torch.testing.assert_close(results[1][name], value, rtol=0, atol=1e-2 * scale)
 
 
-_DS_VERSION = tuple(int(x) for x in deepspeed.__version__.split("+")[0].split(".")[:2])
-_ZERO3_RESUME_OLD_DS = pytest.mark.xfail(
-    _DS_VERSION < (0, 17), strict=False,
-    reason="known limitation under DeepSpeed 0.16: a ZeRO-3 resume with the inf/NaN check of the optimizer "
-           "(skip_nonfinite, one extra all-reduce per sub-group) is not bit-exact; see docs/deepspeed.md")
-
-
-_ZERO3_NONFINITE_OLD_DS = pytest.mark.xfail(
-    _DS_VERSION < (0, 17), strict=False,
-    reason="known limitation under DeepSpeed 0.16: a ZeRO-3 step with one NaN gradient element is counted as "
-           "skipped but the params move; see docs/deepspeed.md")
-
-
-@pytest.mark.parametrize("stage,clip", [(0, True), (2, False), pytest.param(3, False, marks=_ZERO3_NONFINITE_OLD_DS)])
-def test_nonfinite_gradient_skips_the_step_on_every_rank(tmp_path, stage, clip):
+@pytest.mark.parametrize("stage,name,clip", [(0, "lars", True), (2, "lamb", False), (3, "lamb", False)])
+def test_nonfinite_gradient_skips_the_step_on_every_rank(tmp_path, stage, name, clip):
     """One NaN in one gradient element on rank 0 at step 3 (before the reduction: under ZeRO it ends up in one
     rank's partition only): every rank skips that step, params bit-identical to the run that stopped before it.
-    At ZeRO 0 DeepSpeed does not look (with or without its clipping): our optimizer skips; ZeRO 1/2 fp32 skip in
-    DeepSpeed's own overflow check before our step; ZeRO 3 reaches our all-ranks check. Either way it is
-    counted once."""
-    extra = ["--stage", str(stage), "--optimizer", "lars"] + ([] if clip else ["--no-clip"])
+    At ZeRO 0 DeepSpeed does not look (with or without its clipping): our optimizer skips. ZeRO 2 steps LAMB's two
+    param groups one call at a time, ZeRO 3 its two sub-groups: the verdict must be one per DeepSpeed step, not
+    per call (DeepSpeed 0.19.8 skips the step itself; before it, ds_conadv runs DeepSpeed's overflow check first),
+    or the NaN-free group would move. Either way it is counted once."""
+    extra = ["--stage", str(stage), "--optimizer", name] + ([] if clip else ["--no-clip"])
     before = run(tmp_path, f"clean{stage}", *extra, "--steps", "3")
     poisoned = run(tmp_path, f"nan{stage}", *extra, "--steps", "4", "--nan-at", "3")
     assert poisoned["skipped_steps"] + poisoned["engine_skipped_steps"] == 1
@@ -225,14 +213,20 @@ def test_nonfinite_gradient_skips_the_step_on_every_rank(tmp_path, stage, clip):
     _assert_params_close(_params(poisoned), _params(before), f"ZeRO-{stage} skipped step", rtol=0, atol=0)
 
 
-
-@pytest.mark.parametrize("stage", [0, 1, 2, pytest.param(3, marks=_ZERO3_RESUME_OLD_DS)])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_checkpoint_resume_equals_uninterrupted(tmp_path, stage):
-    full = _params(run(tmp_path, f"full{stage}", "--stage", str(stage), "--steps", "6"))
+    """Bit for bit. ZeRO 3 on gloo also counts its gathers of the persistent params (after every step, after the
+    load) that return before all of their all-gathers finished: DeepSpeed before 0.19.8 waits only for the last
+    one, and a forward that reads a param still being written makes runs differ from run to run; none may."""
+    check = ["--check-gathers"] if stage == 3 else []
+    full = run(tmp_path, f"full{stage}", "--stage", str(stage), "--steps", "6", *check)
     ckpt = str(tmp_path / f"ckpt{stage}")
     run(tmp_path, f"first{stage}", "--stage", str(stage), "--steps", "3", "--save-at", "3", "--ckpt", ckpt)
-    resumed = _params(run(tmp_path, f"resumed{stage}", "--stage", str(stage), "--steps", "6", "--resume", ckpt))
-    _assert_params_close(resumed, full, f"ZeRO-{stage} resumed vs uninterrupted", rtol=0, atol=0)
+    resumed = run(tmp_path, f"resumed{stage}", "--stage", str(stage), "--steps", "6", "--resume", ckpt, *check)
+    _assert_params_close(_params(resumed), _params(full), f"ZeRO-{stage} resumed vs uninterrupted", rtol=0, atol=0)
+    if check:
+        for result in (full, resumed):
+            assert result["gathers"]["calls"] >= 3 and result["gathers"]["returned_early"] == 0, result["gathers"]
 
 
 def test_torchrun_launch(tmp_path):
@@ -312,3 +306,18 @@ def test_validate_config_rejects_bad_optimizer_params(tmp_path):
     bad = {**BASE, "optimizer": {"type": "LARS", "params": {"lr": 1.0, "trust_coef": 0.01}}}
     with pytest.raises(ConfigError, match='unknown key "trust_coef"'):
         validate_config(bad)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_own_clipping_per_group_call_is_refused(stage):
+    """Our max_grad_norm on a LAMB with two param groups given to plain deepspeed.initialize: ZeRO 1/2 step it once
+    per group and ZeRO 3 once per sub-group (here one per group), so its clipping norm would be per call. Refused
+    at the first step in one line naming the fix, params untouched; LARS (one group, one call) steps."""
+    (out,) = spawn("ds_own_clip.py", ["--stage", str(stage)], world_size=1, timeout=240)
+    cases = {c["case"]: c for c in (json.loads(line) for line in out.splitlines() if line.startswith('{"case"'))}
+    assert cases["lars"]["refused"] is None
+    lamb = cases["lamb"]
+    assert lamb["params_unchanged"]
+    unit = "param groups" if stage == 2 else "sub-groups"
+    assert "max_grad_norm=0.5" in lamb["refused"] and f"2 {unit}" in lamb["refused"]
+    assert '"gradient_clipping"' in lamb["refused"]

@@ -2,7 +2,7 @@
 
 Usage: ds_train.py --stage S --optimizer lamb|lars --dtype fp32|bf16 --steps N --out FILE
        [--plain] [--save-at K --ckpt DIR] [--resume DIR] [--detach] [--nan-at K [--no-clip]]
-       [--offload [--sub-group-size N] [--backend NAME]]
+       [--offload [--sub-group-size N] [--backend NAME]] [--check-gathers]
 """
 import argparse
 import json
@@ -18,6 +18,42 @@ deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 import ds_conadv  # noqa: E402
 from ds_conadv.integrations import deepspeed as ds_integration  # noqa: E402
 from ds_problem import GLOBAL_BATCH, batch, make_model, optimizer_params  # noqa: E402
+
+
+def watch_coalesced_gathers() -> dict:
+    """Wrap ZeRO-3's blocking gather of several params (outermost: after ds_conadv.initialize) to count the calls
+    that return while one of their async all-gathers is still running (the next forward would read it
+    half-written)."""
+    from deepspeed import comm
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    counts = {"calls": 0, "returned_early": 0}
+    gather = Init._allgather_params_coalesced
+
+    def watched(self, param_list, *args, **kwargs):
+        handles = []
+        launchers = {name: getattr(comm, name) for name in ("all_gather_into_tensor", "all_gather")}
+
+        def recording(launch):
+            def call(*a, **k):
+                handle = launch(*a, **k)
+                handles.append(handle)
+                return handle
+            return call
+
+        for name, launch in launchers.items():
+            setattr(comm, name, recording(launch))
+        try:
+            return gather(self, param_list, *args, **kwargs)
+        finally:
+            for name, launch in launchers.items():
+                setattr(comm, name, launch)
+            if handles:
+                counts["calls"] += 1
+                counts["returned_early"] += any(h is not None and not h.is_completed() for h in handles)
+
+    Init._allgather_params_coalesced = watched
+    return counts
 
 
 def main():
@@ -39,6 +75,8 @@ def main():
     ap.add_argument("--offload", action="store_true", help='"offload_optimizer": {"device": "cpu"} (ZeRO-Offload)')
     ap.add_argument("--sub-group-size", type=int, default=None, help="ZeRO-3 sub-group size (elements)")
     ap.add_argument("--backend", default=None, help="the optimizer's backend instead of the problem's")
+    ap.add_argument("--check-gathers", action="store_true",
+                    help="ZeRO 3: count param gathers that return before all of their all-gathers have finished")
     ap.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -87,6 +125,7 @@ def main():
         config["optimizer"] = {"type": args.optimizer.upper(), "params": params}
         engine, *_ = ds_conadv.initialize(model=model, config=config)
     trust = ds_integration._find_trust_optimizer(engine.optimizer)
+    gathers = watch_coalesced_gathers() if args.check_gathers else None
     if args.detach:
         trust._layouts.clear()
         trust._ds_attached = True
@@ -123,7 +162,8 @@ def main():
     json.dump({"rank": rank, "params": full, "attached": trust._ds_attached,
                "skipped_steps": int(trust.skipped_steps), "engine_skipped_steps": int(engine.skipped_steps),
                "wrapper": type(engine.optimizer).__name__, "kernels": sorted(map(list, ran)),
-               "force_ds_cpu_optimizer": engine.zero_force_ds_cpu_optimizer()}, open(f"{args.out}.rank{rank}", "w"))
+               "force_ds_cpu_optimizer": engine.zero_force_ds_cpu_optimizer(), "gathers": gathers},
+              open(f"{args.out}.rank{rank}", "w"))
 
 
 if __name__ == "__main__":

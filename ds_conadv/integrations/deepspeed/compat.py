@@ -19,6 +19,12 @@ Everything ds_conadv needs from DeepSpeed beyond its public API is listed here, 
   :func:`global_samples`): where ds_conadv's training metrics go when a ``"tensorboard"``, ``"csv_monitor"``,
   ``"wandb"`` or ``"comet"`` section is enabled. Without them those metrics are not written: this module warns
   when a section asks for them (:class:`DeepSpeedCompatWarning`), it is never silent.
+* before DeepSpeed 0.19.8, two repairs of its ZeRO wrappers (:func:`wait_for_coalesced_allgathers`,
+  :func:`skip_nonfinite_steps_whole`): ZeRO-3's ``Init._allgather_params_coalesced`` returns on gloo (CPU) while
+  some of its all-gathers still write the gathered params, and ZeRO 1-3 step an fp32 (or bf16) step with an
+  inf/NaN gradient group by group, so the optimizer's check would decide per group. Without the first, ZeRO-3 runs
+  on CPU are intermittently not reproducible; without the second, such a step skips some groups and applies
+  others. Each warns (:class:`DeepSpeedCompatWarning`) when the part it needs is missing.
 
 :data:`SUPPORTED` is the range declared in the package metadata (``pyproject.toml``'s ``deepspeed`` extra) and tested
 in CI with its oldest and newest release (``scripts/test_deepspeed_oldest.sh``); :func:`check_version` warns,
@@ -61,6 +67,10 @@ __all__ = [
     "monitor_requested",
     "engine_monitor",
     "global_samples",
+    "REPAIRED_IN",
+    "wait_for_coalesced_allgathers",
+    "deepspeed_skips_nonfinite",
+    "skip_nonfinite_steps_whole",
 ]
 
 #: the DeepSpeed releases this module is written and tested against (``pyproject.toml`` declares the same range)
@@ -77,6 +87,8 @@ PRIVATE_USES = (
     "deepspeed.ops.__compatible_ops__ (skip the shm op's JIT build on CPU)",
     "the engine's and wrappers' mpu and the tensor_model_parallel marker (tensor and pipeline parallelism)",
     "DeepSpeedEngine.monitor and global_samples (ds_conadv's metrics in TensorBoard / CSV / W&B)",
+    "ZeRO-3's Init._allgather_params_coalesced (before 0.19.8: wait for every gather on gloo)",
+    "ZeRO 1-3 check_overflow, overflow and check_grad_overflow (before 0.19.8: one inf/NaN verdict per step)",
 )
 
 
@@ -587,3 +599,144 @@ def engine_monitor(engine: Any) -> Optional[Any]:
 def global_samples(engine: Any) -> int:
     """The samples trained so far, all ranks together: the x-axis of DeepSpeed's ``Train/Samples/...`` events."""
     return int(engine.global_samples)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ZeRO: two repairs for DeepSpeed releases before 0.19.8
+# ----------------------------------------------------------------------------------------------------------
+#: the first DeepSpeed release whose ZeRO-3 waits for every all-gather of a coalesced param gather, and whose
+#: ZeRO 1-3 skip an fp32 step with an inf/NaN gradient themselves (checked in the 0.16.9 to 0.19.8 sources)
+REPAIRED_IN = "0.19.8"
+_COALESCED_GATHER = "_allgather_params_coalesced"
+
+
+def _before_repair() -> bool:
+    return _version_tuple(_installed_version()) < _version_tuple(REPAIRED_IN)
+
+
+def wait_for_coalesced_allgathers() -> bool:
+    """DeepSpeed < 0.19.8: make ZeRO-3's blocking gather of several params wait until every one has arrived.
+
+    ``Init._allgather_params_coalesced`` (e.g. the persistent params after every optimizer step and after a
+    checkpoint load) starts one async all-gather per param and waits only for the last. NCCL finishes the
+    operations of one stream in order; gloo (CPU) runs them on a pool of threads, so the call can return while
+    earlier gathers still write their params, and the next forward reads them half-written: results that change
+    from run to run. Patched once per process (class level): after the call, a barrier on every gloo group it
+    gathered over, which gloo completes only after all earlier operations on that group. Returns whether the
+    patch is in place (False where it is not needed, or with a :class:`DeepSpeedCompatWarning` where the method
+    is missing)."""
+    if not _before_repair():
+        return False
+    try:
+        from deepspeed.runtime.zero.partition_parameters import Init
+    except ImportError:  # pragma: no cover - every supported release has it
+        Init = None
+    original = getattr(Init, _COALESCED_GATHER, None)
+    if original is None or not callable(original):
+        warnings.warn(
+            f"DeepSpeed {_installed_version()} has no ZeRO-3 Init.{_COALESCED_GATHER} (ds_conadv supports "
+            f"{SUPPORTED}): ds_conadv cannot make its param gathers wait on gloo; ZeRO-3 runs on CPU may read "
+            "params before their all-gather finished",
+            DeepSpeedCompatWarning,
+            stacklevel=2,
+        )
+        return False
+    if getattr(original, "_ds_conadv_waits", False):
+        return True
+
+    def gather(self: Any, param_list: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, param_list, *args, **kwargs)
+        for group in _gloo_groups(self, param_list):
+            import torch.distributed as torch_dist
+
+            torch_dist.barrier(group=group)
+        return result
+
+    gather._ds_conadv_waits = True  # type: ignore[attr-defined]
+    gather.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(Init, _COALESCED_GATHER, gather)
+    return True
+
+
+def _gloo_groups(init: Any, params: Any) -> List[Any]:
+    """The distinct gloo process groups that ZeRO-3 gathers ``params`` over (the order of ``params``, the same
+    on every rank: the gather is collective)."""
+    import torch.distributed as torch_dist
+
+    groups: List[Any] = []
+    for p in params or ():
+        get = getattr(init, "get_partition_dp_group", None)
+        group = get(p) if callable(get) else getattr(p, "ds_process_group", None)
+        if not any(group is g for g in groups):
+            groups.append(group)
+    return [g for g in groups if str(torch_dist.get_backend(g)) == "gloo"]
+
+
+def deepspeed_skips_nonfinite(wrapper: Any) -> bool:
+    """Whether a ZeRO 1/2 (``"zero12"``) or ZeRO-3 wrapper skips a step with an inf/NaN gradient itself, on every
+    rank, before it steps the optimizer: fp16 in every release (its loss-scale check); bf16 with
+    ``"bf16": {"check_grad_overflow": true}`` at ZeRO 1/2 (0.18 on); from 0.19.8 every ZeRO-3 step and the
+    fp32 ZeRO 1/2 steps (a non-finite global gradient norm)."""
+    import torch
+
+    kind = wrapper_kind(wrapper)
+    dtype = getattr(wrapper, "dtype", None)
+    if dtype == torch.float16:
+        return True
+    if kind == "zero12" and bool(getattr(wrapper, "check_grad_overflow", False)):
+        return True
+    if not _before_repair():
+        if kind == "zero3":
+            return True
+        if kind == "zero12":
+            return dtype != torch.bfloat16 and bool(getattr(wrapper, "compute_grad_norm", True))
+    return False
+
+
+def skip_nonfinite_steps_whole(wrapper: Any, enabled: Callable[[], bool]) -> bool:
+    """One inf/NaN verdict per DeepSpeed step, taken before the optimizer's first call.
+
+    ZeRO 1/2 step the optimizer once per param group and ZeRO 3 once per sub-group, so the optimizer's own
+    check (``skip_nonfinite``) decides per call: a NaN in one group would skip that group and apply the others.
+    Where DeepSpeed does not skip such a step itself (:func:`deepspeed_skips_nonfinite`), this wraps the
+    wrapper's ``step`` (per instance, idempotent) so that, while ``enabled()``, DeepSpeed's own overflow check runs
+    first: the one of its fp16 path (``check_overflow``: this rank's gradient partition, one all-reduce; or, where
+    the wrapper has it, its ``check_grad_overflow`` switch). A non-finite step is then skipped whole on every rank
+    and counted in the engine's ``skipped_steps``, as DeepSpeed 0.19.8 does. Returns whether the wrapper now
+    decides once per step (True where DeepSpeed already does); False, with a :class:`DeepSpeedCompatWarning`,
+    where the parts it needs are missing."""
+    kind = wrapper_kind(wrapper)
+    if kind not in ("zero12", "zero3"):
+        raise ValueError(f"skip_nonfinite_steps_whole: not a ZeRO wrapper: {type(wrapper).__name__}")
+    step = getattr(wrapper, "step", None)
+    if getattr(step, "_ds_conadv_whole_step", False) or deepspeed_skips_nonfinite(wrapper):
+        return True
+    switch = kind == "zero12" and hasattr(wrapper, "check_grad_overflow")  # 0.18 on: DeepSpeed's own switch
+    if not callable(step) or not (
+        switch or (callable(getattr(wrapper, "check_overflow", None)) and hasattr(wrapper, "overflow"))
+    ):
+        warnings.warn(
+            f"DeepSpeed {_installed_version()}'s {type(wrapper).__name__} has no check_overflow / overflow "
+            f"(ds_conadv supports {SUPPORTED}): a step with an inf/NaN gradient is checked per param group by "
+            "the optimizer and may be applied to the other groups",
+            DeepSpeedCompatWarning,
+            stacklevel=2,
+        )
+        return False
+    configured = bool(getattr(wrapper, "check_grad_overflow", False))
+
+    def whole_step(*args: Any, **kwargs: Any) -> Any:
+        on = enabled()
+        if switch:
+            wrapper.check_grad_overflow = configured or on
+            if not wrapper.check_grad_overflow:
+                wrapper.overflow = False
+        elif on:
+            wrapper.check_overflow()  # sets wrapper.overflow, which the non-fp16 step then reads
+        else:
+            wrapper.overflow = False  # a verdict of an earlier step (or a checkpoint) must not skip this one
+        return step(*args, **kwargs)
+
+    whole_step._ds_conadv_whole_step = True  # type: ignore[attr-defined]
+    wrapper.step = whole_step
+    return True

@@ -317,6 +317,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         # DeepSpeed's communication start-up would JIT-build its inference-only shm all-reduce op on CPU (minutes,
         # once); training never uses it (DeepSpeed's inference all-reduce falls back to the process group)
         compat.skip_shm_op_build()
+    if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        compat.wait_for_coalesced_allgathers()  # DeepSpeed < 0.19.8 on gloo: before the engine gathers params
     engine, opt, loader, sched = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,

@@ -117,6 +117,27 @@ def _mark_parallel_params(
         trust.set_global_norm_hook(_all_reduce_hook(pipe_group))
 
 
+def _refuse_clipping_per_call(trust: TrustRatioOptimizer, wrapper: Any, kind: str) -> None:
+    """ZeRO 1/2 step the optimizer once per param group and ZeRO 3 once per sub-group: our own ``max_grad_norm``
+    would then clip each call's gradients by that call's norm, not the global one. Refused with the fix; one call
+    per step (one group, one sub-group) is exact."""
+    limits = {g.get("max_grad_norm") for g in trust.param_groups} - {None}
+    if not limits:
+        return
+    calls = (len(compat.flat_partitions(wrapper)) if kind == "zero12"
+             else len(compat.zero3_partitions(wrapper)[0]))
+    if calls > 1:
+        from ds_conadv.config.sections import ConfigError
+
+        unit = "param groups" if kind == "zero12" else "sub-groups"
+        stage = "ZeRO 1/2" if kind == "zero12" else "ZeRO 3"
+        raise ConfigError(
+            f"{type(trust).__name__}(max_grad_norm={limits.pop()}) under {stage} with {calls} {unit}: DeepSpeed "
+            f"steps the optimizer once per {unit[:-1]}, so the clipping norm would be per {unit[:-1]}, not global; "
+            'give the limit to DeepSpeed ("gradient_clipping" in its config) and max_grad_norm=None '
+            "(ds_conadv.initialize does this)")
+
+
 def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
     """Give our optimizer inside a DeepSpeed engine its segment layouts (exact trust ratios). Idempotent.
 
@@ -160,6 +181,8 @@ def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
         # stage 0: fp32 runs hand our optimizer the real tensors, fp16/bf16 per-tensor fp32 copies
         trust.mark_attached()
         return trust
+    if kind in ("zero12", "zero3"):
+        _refuse_clipping_per_call(trust, wrapper, kind)
     if kind in ("zero12", "bf16"):
         for flat, lp_params, group in compat.flat_partitions(wrapper):
             _set_layout(trust, flat, _hp_fragments(lp_params), len(lp_params), _all_reduce_hook(group), lp_params)
@@ -188,6 +211,12 @@ def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
             f"{type(wrapper).__name__}; supported: no wrapper (fp32), FP16_Optimizer, "
             "BF16_Optimizer, ZeRO stage 1, 2 and 3"
         )
+    if kind in ("zero12", "zero3"):
+        # ZeRO steps our optimizer group by group (ZeRO 3: sub-group by sub-group): the inf/NaN verdict must be
+        # one per DeepSpeed step, taken before the first call
+        compat.skip_nonfinite_steps_whole(wrapper, lambda: bool(trust._global_setting("skip_nonfinite")))
+    if kind == "zero3":
+        compat.wait_for_coalesced_allgathers()
     trust.mark_attached()
     return trust
 
