@@ -14,7 +14,7 @@ Everything ds_conadv needs from DeepSpeed beyond its public API is listed here, 
 * the engine's and the wrappers' model-parallel unit (``mpu``) and the
   ``tensor_model_parallel`` marker on split weights (:func:`tensor_parallel_group`, :func:`pipeline_parallel_group`,
   :func:`is_tensor_parallel_param`): without them trust ratios of tensor-parallel weights are per shard and our
-  own ``max_grad_norm`` under a pipeline is per stage.
+  own ``max_grad_norm`` under a pipeline at ZeRO 0 is per stage.
 * ``DeepSpeedEngine.monitor`` (its ``MonitorMaster``) and ``global_samples`` (:func:`engine_monitor`,
   :func:`global_samples`): where ds_conadv's training metrics go when a ``"tensorboard"``, ``"csv_monitor"``,
   ``"wandb"`` or ``"comet"`` section is enabled. Without them those metrics are not written: this module warns

@@ -118,24 +118,28 @@ def _mark_parallel_params(
 
 
 def _refuse_clipping_per_call(trust: TrustRatioOptimizer, wrapper: Any, kind: str) -> None:
-    """ZeRO 1/2 step the optimizer once per param group and ZeRO 3 once per sub-group: our own ``max_grad_norm``
-    would then clip each call's gradients by that call's norm, not the global one. Refused with the fix; one call
-    per step (one group, one sub-group) is exact."""
+    """ZeRO 1/2 step the optimizer once per param group and ZeRO 3 once per sub-group (under a pipeline, on each
+    stage separately): our own ``max_grad_norm`` would then clip each call's gradients by that call's norm, not the
+    global one. Refused with the fix; one call per step on one stage (one group, one sub-group) is exact."""
     limits = {g.get("max_grad_norm") for g in trust.param_groups} - {None}
     if not limits:
         return
     calls = (len(compat.flat_partitions(wrapper)) if kind == "zero12"
              else len(compat.zero3_partitions(wrapper)[0]))
+    unit = "param groups" if kind == "zero12" else "sub-groups"
+    stage = "ZeRO 1/2" if kind == "zero12" else "ZeRO 3"
     if calls > 1:
-        from ds_conadv.config.sections import ConfigError
+        where = f"under {stage} with {calls} {unit}: DeepSpeed steps the optimizer once per {unit[:-1]}"
+    elif compat.pipeline_parallel_group(wrapper) is not None:
+        where = f"under {stage} with pipeline parallelism: each stage steps its own layers"
+    else:
+        return
+    from ds_conadv.config.sections import ConfigError
 
-        unit = "param groups" if kind == "zero12" else "sub-groups"
-        stage = "ZeRO 1/2" if kind == "zero12" else "ZeRO 3"
-        raise ConfigError(
-            f"{type(trust).__name__}(max_grad_norm={limits.pop()}) under {stage} with {calls} {unit}: DeepSpeed "
-            f"steps the optimizer once per {unit[:-1]}, so the clipping norm would be per {unit[:-1]}, not global; "
-            'give the limit to DeepSpeed ("gradient_clipping" in its config) and max_grad_norm=None '
-            "(ds_conadv.initialize does this)")
+    raise ConfigError(
+        f"{type(trust).__name__}(max_grad_norm={limits.pop()}) {where}, so the clipping norm would not be "
+        'global; give the limit to DeepSpeed ("gradient_clipping" in its config) and max_grad_norm=None '
+        "(ds_conadv.initialize does this)")
 
 
 def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
