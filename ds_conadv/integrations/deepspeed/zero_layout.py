@@ -124,8 +124,7 @@ def _refuse_clipping_per_call(trust: TrustRatioOptimizer, wrapper: Any, kind: st
     limits = {g.get("max_grad_norm") for g in trust.param_groups} - {None}
     if not limits:
         return
-    calls = (len(compat.flat_partitions(wrapper)) if kind == "zero12"
-             else len(compat.zero3_partitions(wrapper)[0]))
+    calls = len(compat.flat_partitions(wrapper)) if kind == "zero12" else len(compat.zero3_partitions(wrapper)[0])
     unit = "param groups" if kind == "zero12" else "sub-groups"
     stage = "ZeRO 1/2" if kind == "zero12" else "ZeRO 3"
     if calls > 1:
@@ -139,7 +138,8 @@ def _refuse_clipping_per_call(trust: TrustRatioOptimizer, wrapper: Any, kind: st
     raise ConfigError(
         f"{type(trust).__name__}(max_grad_norm={limits.pop()}) {where}, so the clipping norm would not be "
         'global; give the limit to DeepSpeed ("gradient_clipping" in its config) and max_grad_norm=None '
-        "(ds_conadv.initialize does this)")
+        "(ds_conadv.initialize does this)"
+    )
 
 
 def attach(engine_or_optimizer: Any) -> Optional[TrustRatioOptimizer]:
