@@ -119,6 +119,22 @@ def test_nothing_is_hooked_or_recorded_without_an_enabled_monitor():
         assert not MetricsWriter(engine).active and opt.collect_trust_ratio_stats is False
 
 
+@pytest.mark.parametrize("version,filtered", [("0.16.9", True), ("0.18.0", True), ("0.19.0", False)])
+def test_the_engines_own_train_loss_is_left_out_where_it_writes_one(monkeypatch, version, filtered):
+    """Before 0.19 DeepSpeed's engine writes Train/Samples/train_loss itself (in backward, at the samples before
+    the step): once a writer takes train_loss over, the engine's events under that tag are dropped, its others
+    and ours pass; from 0.19 nothing is filtered."""
+    monkeypatch.setattr(compat, "_installed_version", lambda: version)
+    monitor = _Monitor(True)
+    engine = _engine(monitor)
+    attach_step_metrics(engine)
+    attach_step_metrics(engine)  # idempotent filter
+    monitor.write_events([("Train/Samples/train_loss", 1.0, 8), ("Train/Samples/lr", 0.1, 8)])  # the engine's
+    MetricsWriter(engine).write({"train_loss": 0.5})
+    engine_loss = [("Train/Samples/train_loss", 1.0, 8)] if not filtered else []
+    assert monitor.events == [engine_loss + [("Train/Samples/lr", 0.1, 8)], [("Train/Samples/train_loss", 0.5, 12)]]
+
+
 def test_writer_sends_one_list_of_events_at_the_samples_so_far():
     model = _model()
     opt = LAMB(param_groups(model, weight_decay=0.01), lr=0.01)
@@ -165,12 +181,6 @@ def _assert_series(scalars, name, expected):
     assert all(_close(v, e) for (_, v), (_, e) in zip(got, expected)), (name, got, expected)
 
 
-_DS_VERSION = tuple(int(x) for x in __import__("deepspeed").__version__.split("+")[0].split(".")[:2])
-
-
-@pytest.mark.xfail(_DS_VERSION < (0, 17), strict=False,
-                   reason="DeepSpeed 0.16's engine writes its own Train/Samples/train_loss in backward (at the "
-                          "samples before the step): a second series under the same tag; see docs/deepspeed.md")
 def test_metrics_in_tensorboard_and_csv(tmp_path):
     pytest.importorskip("tensorboard", reason="DeepSpeed's TensorBoard monitor needs the tensorboard package")
     out = tmp_path / "run"

@@ -18,7 +18,9 @@ Everything ds_conadv needs from DeepSpeed beyond its public API is listed here, 
 * ``DeepSpeedEngine.monitor`` (its ``MonitorMaster``) and ``global_samples`` (:func:`engine_monitor`,
   :func:`global_samples`): where ds_conadv's training metrics go when a ``"tensorboard"``, ``"csv_monitor"``,
   ``"wandb"`` or ``"comet"`` section is enabled. Without them those metrics are not written: this module warns
-  when a section asks for them (:class:`DeepSpeedCompatWarning`), it is never silent.
+  when a section asks for them (:class:`DeepSpeedCompatWarning`), it is never silent. Before 0.19 the engine also
+  writes its own ``Train/Samples/train_loss``; :func:`leave_out_engine_train_loss` filters it (ds_conadv writes
+  one), saying so.
 * before DeepSpeed 0.19.8, two repairs of its ZeRO wrappers (:func:`wait_for_coalesced_allgathers`,
   :func:`skip_nonfinite_steps_whole`): ZeRO-3's ``Init._allgather_params_coalesced`` returns on gloo (CPU) while
   some of its all-gathers still write the gathered params, and ZeRO 1-3 step an fp32 (or bf16) step with an
@@ -67,6 +69,10 @@ __all__ = [
     "monitor_requested",
     "engine_monitor",
     "global_samples",
+    "ENGINE_TRAIN_LOSS",
+    "engine_writes_train_loss",
+    "leave_out_engine_train_loss",
+    "write_events",
     "REPAIRED_IN",
     "wait_for_coalesced_allgathers",
     "deepspeed_skips_nonfinite",
@@ -599,6 +605,50 @@ def engine_monitor(engine: Any) -> Optional[Any]:
 def global_samples(engine: Any) -> int:
     """The samples trained so far, all ranks together: the x-axis of DeepSpeed's ``Train/Samples/...`` events."""
     return int(engine.global_samples)
+
+
+#: the event DeepSpeed's engine writes itself before 0.19 (``_backward_prologue``: rank 0, at every accumulation
+#: boundary, at the samples trained *before* the step); 0.19.0 to 0.19.8 write no loss (checked in their sources)
+ENGINE_TRAIN_LOSS = "Train/Samples/train_loss"
+ENGINE_TRAIN_LOSS_UNTIL = "0.19.0"
+
+
+def engine_writes_train_loss() -> bool:
+    """Whether the installed DeepSpeed's engine writes its own :data:`ENGINE_TRAIN_LOSS` (before 0.19)."""
+    return _version_tuple(_installed_version()) < _version_tuple(ENGINE_TRAIN_LOSS_UNTIL)
+
+
+def leave_out_engine_train_loss(monitor: Any) -> bool:
+    """ds_conadv writes ``train_loss`` after every optimizer step: where the engine writes its own under the same
+    tag (:func:`engine_writes_train_loss`), the engine's events are left out (the monitor's ``write_events``
+    filtered per instance, idempotent; ds_conadv's own go through :func:`write_events`), so that a tag holds one
+    series on every supported release. Says so once, on the rank that writes. Returns whether filtered."""
+    if not engine_writes_train_loss():
+        return False
+    original = monitor.write_events
+    if getattr(original, "_ds_conadv_unfiltered", None) is not None:
+        return True
+
+    def write_without_engine_loss(events: Any, *args: Any, **kwargs: Any) -> Any:
+        kept = [e for e in events if not (isinstance(e, (tuple, list)) and e and e[0] == ENGINE_TRAIN_LOSS)]
+        return original(kept, *args, **kwargs)
+
+    write_without_engine_loss._ds_conadv_unfiltered = original  # type: ignore[attr-defined]
+    monitor.write_events = write_without_engine_loss
+    from deepspeed.utils import logger
+
+    logger.warning(
+        f"ds_conadv: DeepSpeed {_installed_version()}'s engine writes its own {ENGINE_TRAIN_LOSS} in backward (at "
+        "the samples before the step); ds_conadv writes train_loss after each optimizer step, and the engine's is "
+        "left out (one series per tag)"
+    )
+    return True
+
+
+def write_events(monitor: Any, events: List[Tuple[str, float, int]]) -> None:
+    """Write ds_conadv's events through the engine's ``MonitorMaster`` (past :func:`leave_out_engine_train_loss`)."""
+    write = monitor.write_events
+    getattr(write, "_ds_conadv_unfiltered", write)(events)
 
 
 # ----------------------------------------------------------------------------------------------------------

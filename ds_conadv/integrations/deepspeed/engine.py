@@ -59,6 +59,7 @@ class EngineWrapper:
         self.ds = ds_engine
         detach_step_metrics(ds_engine)  # this engine writes its own metrics (monitor sections)
         self.metrics_writer = MetricsWriter(ds_engine)
+        self.metrics_writer.take_over_train_loss()  # the ConAdv and ABSA engines write train_loss
 
     @property
     def wrapped_engine(self) -> Any:

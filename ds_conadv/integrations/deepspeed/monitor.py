@@ -1,7 +1,8 @@
 """ds_conadv's training metrics through DeepSpeed's own monitor: the ``"tensorboard"``, ``"csv_monitor"``,
 ``"wandb"`` (and ``"comet"``) sections of the config.
 
-DeepSpeed's engine writes ``Train/Samples/lr`` (and ``loss_scale`` under fp16) at every optimizer step. The
+DeepSpeed's engine writes ``Train/Samples/lr`` (and ``loss_scale`` under fp16) at every optimizer step (before 0.19
+also a ``train_loss`` of its own in backward, left out where ds_conadv writes one). The
 engines :func:`ds_conadv.initialize` returns add their own figures at the same cadence (every optimizer step,
 whatever ``steps_per_print``), through the same ``MonitorMaster.write_events`` (so every enabled section gets
 them), on rank 0 only and against the samples trained so far (all ranks together) as DeepSpeed's own events:
@@ -125,7 +126,13 @@ class MetricsWriter:
             if name == skipped_flag:
                 number = float(number > 0)  # a step is skipped or not, whatever counted it
             events.append((PREFIX + name, number, samples))
-        self.monitor.write_events(events)
+        compat.write_events(self.monitor, events)
+
+    def take_over_train_loss(self) -> None:
+        """Call when this writer writes ``train_loss``: where DeepSpeed's engine writes its own under that tag
+        (before 0.19: in backward, at the samples before the step), the engine's is left out."""
+        if self.monitor is not None:
+            compat.leave_out_engine_train_loss(self.monitor)
 
 
 def attach_step_metrics(engine: Any) -> Optional[MetricsWriter]:
@@ -138,6 +145,7 @@ def attach_step_metrics(engine: Any) -> Optional[MetricsWriter]:
         return None
     if callable(getattr(engine, "train_batch", None)):
         return writer  # a pipeline engine calls backward/step itself and writes its own train_loss
+    writer.take_over_train_loss()
     original_backward, original_step = engine.backward, engine.step
     losses: List[torch.Tensor] = []
 
