@@ -44,6 +44,9 @@ def is_built(name: str, sources: List[str], extra_cflags: Optional[List[str]] = 
 def _digest(paths: Sequence[str], flags: Sequence[str]) -> str:
     h = hashlib.sha1()
     for p in paths:
+        # the path too: two installs (venvs, checkouts) with the same sources would share a build folder whose
+        # ninja file names the other's sources, and each would rebuild the library the other has loaded
+        h.update(os.path.abspath(p).encode())
         with open(p, "rb") as f:
             h.update(f.read())
     h.update(" ".join(flags).encode())
