@@ -227,21 +227,23 @@ class ConAdvSchedule:
                            index=entry.index, gen_step=entry.gen_step, generated_now=generated_now,
                            micro_batches_per_step=self.micro_batches_per_step)
 
+    def _due_ahead(self) -> Iterator[PendingBatch]:
+        """The queued batches due in the adversarial window that have no x̂ yet (normally just batch t+tau)."""
+        return (entry for k, entry in enumerate(self._queue) if entry.adv is None and self.active(self.step + 1 + k))
+
     def ahead_due(self) -> bool:
-        """Whether :meth:`generate_ahead` would generate anything now (a queued batch due in the window without
-        its x̂): an engine overlaps the reduction with a generation only then."""
-        return any(entry.adv is None and self.active(self.step + 1 + k) for k, entry in enumerate(self._queue))
+        """Whether :meth:`generate_ahead` would generate anything now: an engine overlaps the reduction with a
+        generation only then."""
+        return any(True for _ in self._due_ahead())
 
     def generate_ahead(self, generate_fn: GenerateFn) -> int:
         """Generate, with the current weights, x̂ for every queued batch that is due in the window and has none
         (normally just batch t+tau). Returns how many were generated."""
-        done = 0
-        for k, entry in enumerate(self._queue):
-            if entry.adv is None and self.active(self.step + 1 + k):
-                entry.adv = generate_fn(entry.x, entry.y, self.generator)
-                entry.gen_step = self.step
-                done += 1
-        return done
+        due = list(self._due_ahead())
+        for entry in due:
+            entry.adv = generate_fn(entry.x, entry.y, self.generator)
+            entry.gen_step = self.step
+        return len(due)
 
     def end_step(self) -> None:
         """After the optimizer step: the next next_batch is step + 1."""
