@@ -15,8 +15,9 @@ def test_tasks_are_deterministic_and_split():
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
     assert a.x_train.shape == (64, 1, 16, 16) and 0 <= float(a.x_train.min()) and float(a.x_train.max()) <= 1
     assert not torch.equal(make_task("shapes", 1, (64, 16, 16)).x_train, a.x_train)
-    m = make_task("motifs", 0, (32, 8, 8))
+    m = make_task("phrases", 0, (256, 8, 8))
     assert m.kind == "tokens" and m.x_train.dtype == torch.int64 and int(m.x_train.max()) < m.vocab
+    assert torch.equal(m.x_train, make_task("phrases", 0, (256, 8, 8)).x_train)
     d = make_task("digits", 0, (32, 8, 8))
     assert d.x_train.shape == (32, 1, 16, 16)
     with pytest.raises(ValueError, match="unknown task"):
@@ -71,13 +72,13 @@ def test_absa_clock_measures_no_eigenvalue_and_early_growths_are_counted():
 
 def test_quick_study_runs_resumes_and_writes_results(tmp_path):
     out, summary = tmp_path / "runs", tmp_path / "reproduce_quick.json"
-    argv = ["--quick", "--tasks", "shapes,motifs", "--phases", "tune,final",
+    argv = ["--quick", "--tasks", "shapes,phrases", "--phases", "tune,final",
             "--regimes", "sgd_small,lars,lars+disadv,lars+conadv_t1,absa_eig",
             "--out", str(out), "--summary", str(summary), "--plots", str(tmp_path), "--no-progress"]
     assert main(argv) == 0
     s = json.loads(summary.read_text())
     assert s["runs_executed"] > 0 and s["runs_loaded"] == 0
-    for task in ("shapes", "motifs"):
+    for task in ("shapes", "phrases"):
         fin = s["tasks"][task]["final"]
         assert set(fin) == {"sgd_small", "lars", "lars+disadv", "lars+conadv_t1", "absa_eig"}
         for row in fin.values():
@@ -93,6 +94,36 @@ def test_quick_study_runs_resumes_and_writes_results(tmp_path):
     s2 = json.loads(summary.read_text())
     assert s2["runs_executed"] == 0 and s2["runs_loaded"] == s["runs_executed"]
     assert s2["tasks"]["shapes"]["final"] == s["tasks"]["shapes"]["final"]
+
+
+def test_phrases_label_is_its_only_ordered_phrase():
+    """Each sequence holds exactly one adjacent, in-order phrase of its class and none of another class."""
+    from ds_conadv.study.tasks import _phrase_table
+    task = make_task("phrases", 0, (512, 8, 8))
+    _, table = _phrase_table(0)
+    owner = {(int(a), int(b)): c for c in range(len(table)) for a, b in table[c]}
+    for x, y in zip(task.x_train.tolist(), task.y_train.tolist()):
+        found = {owner[p] for p in zip(x, x[1:]) if p in owner}
+        assert found == {y}
+    # the tokens alone do not give the class: some sequences hold a content token of another class's phrase
+    content = {t for p in owner for t in p}
+    assert max(sum(t in content for t in x) for x in task.x_train.tolist()) >= 3
+
+
+def test_default_suite_tunes_epsilon_per_optimizer(tmp_path):
+    from ds_conadv.study.runner import DEFAULT_REGIMES, Runner, suite_settings, tune, tuned_regime
+    s = suite_settings(quick=True)
+    s["grids"]["epsilon"]["image"] = [0.01, 0.03]
+    runner = Runner(str(tmp_path), progress=False, load_only=True)      # nothing runs: all choices fall back
+    chosen = tune(runner, s, "shapes", {tuned_regime(r) for r in DEFAULT_REGIMES if "adv" in r})["chosen"]
+    assert {tuned_regime(r) for r in DEFAULT_REGIMES if "adv" in r} == {"lars+conadv_t1_mean", "lamb+conadv_t1"}
+    for r in DEFAULT_REGIMES:
+        spec = chosen[r]
+        if "adv" in r:
+            base = chosen[tuned_regime(r)]
+            assert spec["optimizer"] == base["optimizer"] and spec["adv"]["epsilon"] == base["adv"]["epsilon"]
+            assert spec["adv"]["tau"] == (0 if "disadv" in r else int(r.split("_t")[1][0]))
+            assert bool(spec["adv"].get("normalize_loss")) == r.endswith("_mean")
 
 
 def test_bad_arguments_are_one_line(capsys):

@@ -2,15 +2,20 @@
 
 ``ds-conadv study`` (also ``python -m ds_conadv.study`` or ``benchmarks/reproduce.py``) runs, per task:
 
-1. **tune** (seed 0, scored on the validation split): the LR of small-batch SGD, large-batch LARS and LAMB;
-   then epsilon for DisAdv (tau = 0) and ConAdv (tau = 1) on top of the chosen LARS (tau = 2, 4 reuse tau = 1's);
-   ABSA starts at the small batch with SGD's LR.
+1. **tune** (seed 0, scored on the validation split): the LR of small-batch SGD, large-batch LARS and LAMB
+   (per input kind; one-point grids are fixed choices); then epsilon for ConAdv (tau = 1) on top of the chosen
+   LARS (paper's sum loss and the mean loss) and LAMB; DisAdv (tau = 0) and tau = 2, 4 take the epsilon of tau = 1
+   with the same optimizer and loss. ABSA starts at the small batch with SGD's LR.
 2. **final** (seeds 0..S-1, scored on the test split, validation accuracy reported too): every regime with its
    chosen settings; wall time per run; robustness (configured attack and untargeted PGD-10) on image tasks.
-3. **variants** (validation split): around the chosen ConAdv tau = 1 — BN handling, attack, epsilon,
+3. **variants** (validation split, opt-in): around the chosen ConAdv tau = 1 — BN handling, attack, epsilon,
    adv_weight, adversarial start/stop epochs, LR of the excluded (BN/bias) parameters, the staleness guard —
    and ABSA's eigenvalue sample size / smoothing.
-4. **sweep**: test accuracy against the batch size for LARS and LAMB (seed 0, LR scaled by sqrt of the batch).
+4. **sweep** (``sweep_tasks``): test accuracy against the batch size for SGD, LARS and LAMB (seed 0, LR scaled
+   by the square root of the batch).
+
+The default suite (tune, final with :data:`DEFAULT_REGIMES`, sweep on digits) is sized for a 2-core machine
+with ``--jobs 2``; ``--regimes all`` and ``--phases ...,variants`` add the rest.
 
 Resumable: each finished run is one JSON under ``<out>/records/<task>/`` keyed by its spec; a rerun skips it.
 The summary goes to ``<out>/../reproduce[_quick].json`` and the plots to ``--plots``.
@@ -30,11 +35,16 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["main", "suite_settings", "REGIMES"]
+__all__ = ["main", "suite_settings", "REGIMES", "DEFAULT_REGIMES"]
 
 REGIMES = ("sgd_small", "lars", "lamb", "lars+disadv", "lars+conadv_t1", "lars+conadv_t2", "lars+conadv_t4",
            "lars+disadv_mean", "lars+conadv_t1_mean", "lars+conadv_t2_mean", "lamb+disadv", "lamb+conadv_t1",
-           "absa_default", "absa_eig", "absa_eig512", "absa_eig512_r07", "absa_duration4")
+           "lamb+conadv_t2", "lamb+conadv_t4", "absa_default", "absa_eig", "absa_eig512", "absa_eig512_r07",
+           "absa_duration4")
+#: the final phase's regimes unless ``--regimes`` says otherwise: the default suite (the paper's sum loss with
+#: LARS, which collapses at LARS's tuned LR, and the ABSA eigenvalue studies are opt-in)
+DEFAULT_REGIMES = ("sgd_small", "lars", "lamb", "lars+disadv_mean", "lars+conadv_t1_mean", "lamb+disadv",
+                   "lamb+conadv_t1", "lamb+conadv_t2", "lamb+conadv_t4", "absa_default")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -43,17 +53,18 @@ REGIMES = ("sgd_small", "lars", "lamb", "lars+disadv", "lars+conadv_t1", "lars+c
 def suite_settings(quick: bool = False) -> Dict[str, Any]:
     """Everything the suite runs (the ``--quick`` one: tiny data, 2 epochs, 1-point grids, 1 seed)."""
     s = {
-        "tasks": ["digits", "shapes", "motifs"],
+        "tasks": ["digits", "shapes", "phrases"],
         "sizes": None,
         "seeds": 3,
         "epochs": 40,
         "small_batch": 32,
         "large_batch": 1024,
         "warmup_epochs": 5,
+        # per input kind; a one-point grid is a fixed choice (made on seed-0 validation runs before the suite)
         "grids": {
-            "sgd_lr": [0.05],
-            "lars_lr": [20.0],
-            "lamb_lr": [0.05],
+            "sgd_lr": {"image": [0.05], "tokens": [0.05, 0.1]},
+            "lars_lr": {"image": [20.0], "tokens": [1.0, 5.0]},
+            "lamb_lr": {"image": [0.05], "tokens": [0.05]},
             "epsilon": {"image": [0.01, 0.03], "tokens": [0.1, 0.3]},
         },
         "weight_decay": {"sgd": 5e-4, "lars": 5e-4, "lamb": 0.01},
@@ -66,15 +77,16 @@ def suite_settings(quick: bool = False) -> Dict[str, Any]:
         "absa_eig512_r07": {"eig_samples": 512, "ema": 0.0, "eig_ratio": 0.7},
         # no eigenvalue at all: the batch doubles every 4 epochs (about the steps of absa_eig512_r07), a clock
         "absa_duration4": {"eig_samples": 0, "duration": 4},
-        "variants_tasks": ["digits", "shapes", "motifs"],
+        "variants_tasks": ["digits", "shapes", "phrases"],
         "variant_seeds": 1,
+        "sweep_tasks": ["digits"],
         "sweep_batches": [32, 128, 512, 1024],
         "robustness": True,
     }
     if quick:
         s.update(sizes=(256, 128, 128), seeds=1, epochs=2, small_batch=64, large_batch=128, warmup_epochs=1,
-                 grids={"sgd_lr": [0.05], "lars_lr": [5.0], "lamb_lr": [0.02],
-                        "epsilon": {"image": [0.03], "tokens": [0.3]}},
+                 grids={"sgd_lr": {"image": [0.05], "tokens": [0.05]}, "lars_lr": {"image": [5.0], "tokens": [1.0]},
+                        "lamb_lr": {"image": [0.02], "tokens": [0.02]}, "epsilon": {"image": [0.03], "tokens": [0.3]}},
                  absa={"max_batch": 128, "duration": 1, "adv_ratio": 0.2, "lr_scaling": "sqrt", "stop_epoch": 2,
                        "epsilon": {"image": 0.02, "tokens": 0.2}},
                  absa_default_eig={"eig_samples": 32, "ema": 0.0, "eig_max_iter": 2},
@@ -82,7 +94,7 @@ def suite_settings(quick: bool = False) -> Dict[str, Any]:
                  absa_eig512={"eig_samples": 64, "ema": 0.0, "eig_ratio": 0.5, "eig_max_iter": 2},
                  absa_eig512_r07={"eig_samples": 64, "ema": 0.0, "eig_ratio": 0.7, "eig_max_iter": 2},
                  absa_duration4={"eig_samples": 0, "duration": 1},
-                 variants_tasks=["shapes"], sweep_batches=[64, 128], robustness=True)
+                 variants_tasks=["shapes"], sweep_tasks=["shapes"], sweep_batches=[64, 128], robustness=True)
     return s
 
 
@@ -93,7 +105,8 @@ def _base(s: Dict[str, Any], task: str, optimizer: str, batch: int, lr: float) -
 
 
 def _kind(task: str) -> str:
-    return "tokens" if task == "motifs" else "image"
+    from .tasks import TASK_KINDS
+    return TASK_KINDS[task]
 
 
 def _adv(eps: float, tau: int, **kw) -> Dict[str, Any]:
@@ -197,7 +210,7 @@ def _best(records: List[Dict[str, Any]], candidates: List[Any]) -> Any:
 def tune(runner: Runner, s: Dict[str, Any], task: str, adversarial: Any = True) -> Dict[str, Dict[str, Any]]:
     """Chosen spec (without seed) per regime, from seed-0 validation accuracy (the adversarial regimes' epsilon
     only when ``adversarial``)."""
-    g = s["grids"]
+    g = {k: v[_kind(task)] for k, v in s["grids"].items()}
     sb, lb = s["small_batch"], s["large_batch"]
     cand = {"sgd_small": [_base(s, task, "sgd", sb, lr) for lr in g["sgd_lr"]],
             "lars": [_base(s, task, "lars", lb, lr) for lr in g["lars_lr"]],
@@ -213,11 +226,13 @@ def tune(runner: Runner, s: Dict[str, Any], task: str, adversarial: Any = True) 
         rs = [r for (kk, _), r in zip(flat, recs) if kk == k]
         chosen[k] = _best(rs, cand[k])
         tuning[k] = [(c["lr"], r["result"]["val_acc"], r["result"]["train_acc"]) for c, r in zip(cand[k], rs) if r]
-    lars = chosen["lars"]
-    eps_grid = g["epsilon"][_kind(task)]
-    # "_mean": the loss (clean + w adv) / (1 + w) instead of the paper's sum (see ds_conadv.study.core)
+    lars, lamb = chosen["lars"], chosen["lamb"]
+    eps_grid = g["epsilon"]
+    # "_mean": the loss (clean + w adv) / (1 + w) instead of the paper's sum (see ds_conadv.study.core); LAMB's
+    # update is invariant to the loss scale, so LAMB keeps the paper's sum. Epsilon is chosen per optimizer.
     adv_cand = {"lars+conadv_t1": [dict(lars, adv=_adv(e, 1)) for e in eps_grid],
-                "lars+conadv_t1_mean": [dict(lars, adv=_adv(e, 1, normalize_loss=True)) for e in eps_grid]}
+                "lars+conadv_t1_mean": [dict(lars, adv=_adv(e, 1, normalize_loss=True)) for e in eps_grid],
+                "lamb+conadv_t1": [dict(lamb, adv=_adv(e, 1)) for e in eps_grid]}
     wanted = set(adv_cand) if adversarial is True else set(adversarial or ())
     flat = [(k, c) for k, cs in adv_cand.items() if k in wanted for c in cs] if len(eps_grid) > 1 else []
     for k in adv_cand:
@@ -229,17 +244,13 @@ def tune(runner: Runner, s: Dict[str, Any], task: str, adversarial: Any = True) 
         chosen[k] = _best(rs, adv_cand[k])
         tuning[k] = [(c["adv"]["epsilon"], r["result"]["val_acc"], r["result"]["train_acc"])
                      for c, r in zip(adv_cand[k], rs) if r]
-    for suffix in ("", "_mean"):
-        chosen[f"lars+disadv{suffix}"] = copy.deepcopy(chosen[f"lars+conadv_t1{suffix}"])
-        chosen[f"lars+disadv{suffix}"]["adv"]["tau"] = 0
-        for tau in (2, 4):
-            if f"lars+conadv_t{tau}{suffix}" in REGIMES:
-                chosen[f"lars+conadv_t{tau}{suffix}"] = copy.deepcopy(chosen[f"lars+conadv_t1{suffix}"])
-                chosen[f"lars+conadv_t{tau}{suffix}"]["adv"]["tau"] = tau
-    # LAMB's update is invariant to the loss scale: the paper's sum loss, LARS's epsilon
-    for tau, name in ((0, "lamb+disadv"), (1, "lamb+conadv_t1")):
-        chosen[name] = dict(copy.deepcopy(chosen["lamb"]), adv=dict(copy.deepcopy(chosen["lars+conadv_t1"]["adv"]),
-                                                                    tau=tau))
+    # DisAdv and the other staleness take the epsilon chosen for tau = 1 with the same optimizer and loss
+    for base in ("lars+conadv_t1", "lars+conadv_t1_mean", "lamb+conadv_t1"):
+        for tau in (0, 2, 4):
+            name = base.replace("conadv_t1", "disadv" if tau == 0 else f"conadv_t{tau}")
+            if name in REGIMES:
+                chosen[name] = copy.deepcopy(chosen[base])
+                chosen[name]["adv"]["tau"] = tau
     sgd = chosen["sgd_small"]
     a = dict(s["absa"], epsilon=s["absa"]["epsilon"][_kind(task)])
     chosen["absa_default"] = dict(sgd, absa=dict(a, **s["absa_default_eig"]))
@@ -247,6 +258,13 @@ def tune(runner: Runner, s: Dict[str, Any], task: str, adversarial: Any = True) 
     for name in ("absa_eig512", "absa_eig512_r07", "absa_duration4"):
         chosen[name] = dict(sgd, absa=dict(a, **s[name]))
     return {"chosen": chosen, "tuning": tuning}
+
+
+def tuned_regime(regime: str) -> str:
+    """The tau = 1 regime whose validation run chooses ``regime``'s epsilon."""
+    if regime.startswith("lamb+"):
+        return "lamb+conadv_t1"
+    return "lars+conadv_t1" + ("_mean" if regime.endswith("_mean") else "")
 
 
 def final(runner: Runner, s: Dict[str, Any], task: str, chosen: Dict[str, Dict[str, Any]],
@@ -527,11 +545,15 @@ def markdown(summary: Dict[str, Any]) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ds-conadv study", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny CI run: asserts the machinery, not the accuracy")
-    p.add_argument("--tasks", default=None, help="comma-separated subset of shapes,digits,motifs")
-    p.add_argument("--phases", default="tune,final,variants,sweep", help="comma-separated phases to run")
-    p.add_argument("--regimes", default=",".join(REGIMES), help="regimes of the final phase")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of digits,shapes,phrases")
+    p.add_argument("--phases", default="tune,final,sweep", help="comma-separated phases to run: tune, final, "
+                                                                 "variants, sweep (default: the suite without the "
+                                                                 "variants)")
+    p.add_argument("--regimes", default=",".join(DEFAULT_REGIMES),
+                   help="regimes of the final phase, or 'all' (default: the default suite's)")
     p.add_argument("--seeds", type=int, default=None, help="final seeds (default 3; 1 with --quick)")
     p.add_argument("--variant-tasks", default=None, help="tasks of the variants phase (default: all)")
+    p.add_argument("--sweep-tasks", default=None, help="tasks of the batch-size sweep (default: digits)")
     p.add_argument("--out", default=None, help="folder of the per-run JSONs (default benchmarks/results/study"
                                                 "[_quick])")
     p.add_argument("--summary", default=None, help="summary JSON (default benchmarks/results/reproduce[_quick].json)")
@@ -552,17 +574,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.tasks:
         s["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
         s["variants_tasks"] = [t for t in s["variants_tasks"] if t in s["tasks"]]
+        s["sweep_tasks"] = [t for t in s["sweep_tasks"] if t in s["tasks"]]
     if args.variant_tasks is not None:
         s["variants_tasks"] = [t.strip() for t in args.variant_tasks.split(",") if t.strip()]
+    if args.sweep_tasks is not None:
+        s["sweep_tasks"] = [t.strip() for t in args.sweep_tasks.split(",") if t.strip()]
     if args.seeds:
         s["seeds"] = args.seeds
     from .tasks import TASK_SIZES
-    bad = [t for t in s["tasks"] if t not in TASK_SIZES]
+    bad = [t for t in s["tasks"] + s["variants_tasks"] + s["sweep_tasks"] if t not in TASK_SIZES]
     if bad:
         print(f"--tasks: unknown task {bad[0]!r}; allowed: {', '.join(TASK_SIZES)}", file=sys.stderr)
         return 2
     phases = {p.strip() for p in args.phases.split(",") if p.strip()}
-    regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
+    regimes = list(REGIMES) if args.regimes.strip() == "all" else [r.strip() for r in args.regimes.split(",")
+                                                                     if r.strip()]
     unknown = [r for r in regimes if r not in REGIMES]
     if unknown:
         print(f"--regimes: unknown regime {unknown[0]!r}; allowed: {', '.join(REGIMES)}", file=sys.stderr)
@@ -582,7 +608,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "variants" in phases and task in s["variants_tasks"]:
             adversarial: Any = True
         else:                               # tune epsilon only for the loss forms the requested regimes use
-            adversarial = {"lars+conadv_t1" + ("_mean" if r.endswith("_mean") else "") for r in regimes if "adv" in r}
+            adversarial = {tuned_regime(r) for r in regimes if "adv" in r}
         tuned = tune(runner, s, task, adversarial)
         entry["chosen"], entry["tuning"] = tuned["chosen"], tuned["tuning"]
         if "final" in phases:
@@ -612,7 +638,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     if extra in res:
                         row.setdefault(extra, []).append(res[extra])
             entry["variants"] = table
-        if "sweep" in phases:
+        if "sweep" in phases and task in s["sweep_tasks"]:
             sweeps[task] = sweep(runner, s, task, tuned["chosen"])
             entry["sweep"] = {opt: [{"batch": r["spec"]["batch"], "lr": r["spec"]["lr"],
                                      "train_acc": 100 * r["result"]["train_acc"],

@@ -5,15 +5,18 @@ validation / test splits (float32 images in [0, 1] shaped (N, 1, H, W), or int64
 
 The tasks are built so that memorising the training set is easy and generalising is not: few training examples
 (2K) and strong nuisance variation (position, scale, rotation, stroke width, contrast, background noise,
-clutter; for the token task distractor tokens, synonyms and decoy motifs). That is the regime in which the
-large-batch generalisation gap shows up at a fixed epoch budget.
+clutter; for the token task filler and decoy tokens around an order-sensitive phrase). That is the regime in
+which the large-batch generalisation gap shows up at a fixed epoch budget (for the image tasks; the token task
+shows none, see docs/reproduction.md).
 
 * ``shapes``  — 10 outline/filled geometric shapes, 16x16, drawn from signed distance functions.
 * ``digits``  — scikit-learn's bundled 8x8 handwritten digits, upsampled to 16x16 under random affine
   transforms, noise and an occluding blob; the writers' images are split *before* rendering, so a test image
   never shares its source digit with a training image.
-* ``motifs``  — token sequences (length 24, vocabulary 48, 8 classes): 3 keywords of the class and 2 of each of
-  two decoy classes among filler tokens; the class is the one with the most keywords (counting, not spotting).
+* ``phrases`` — token sequences (length 32, vocabulary 64, 8 classes): each class has two ordered two-token
+  phrases over a shared pool of 16 content tokens; a sequence holds one phrase of its class, adjacent and in
+  order, and one more content token elsewhere among filler. The tokens alone are ambiguous (the same tokens form
+  other classes' phrases in the other order or with other partners), so the model has to use order and position.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["Task", "make_task", "TASKS", "TASK_SIZES"]
+__all__ = ["Task", "make_task", "TASKS", "TASK_SIZES", "TASK_KINDS"]
 
 
 @dataclass
@@ -45,7 +48,9 @@ class Task:
 
 
 #: default (train, val, test) sizes
-TASK_SIZES = {"shapes": (2048, 1000, 3000), "digits": (2048, 1000, 3000), "motifs": (2048, 1000, 3000)}
+TASK_SIZES = {"shapes": (2048, 1000, 3000), "digits": (2048, 1000, 3000), "phrases": (2048, 1000, 3000)}
+#: "image" or "tokens" per task
+TASK_KINDS = {"shapes": "image", "digits": "image", "phrases": "tokens"}
 _SIZE = 16
 
 
@@ -160,30 +165,35 @@ def _digits_sources(seed: int):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# motifs (token sequences)
+# phrases (token sequences)
 # ----------------------------------------------------------------------------------------------------------
-_VOCAB, _LEN, _NCLS, _KEYS = 48, 24, 8, 3
+_VOCAB, _LEN, _NCLS, _PHRASES, _CONTENT, _DECOYS = 64, 32, 8, 2, 16, 1
 
 
-def _motif_table(seed: int) -> np.ndarray:
-    """(classes, keywords) token ids: 3 keywords per class (24 tokens), the other 24 ids are filler."""
-    rng = np.random.default_rng(20_000 + seed)
-    return rng.permutation(_VOCAB)[: _NCLS * _KEYS].reshape(_NCLS, _KEYS)
+def _phrase_table(seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The content token ids (16) and the (classes, phrases, 2) ordered phrases over them (no phrase shared)."""
+    rng = np.random.default_rng(30_000 + seed)
+    content = rng.permutation(_VOCAB)[:_CONTENT]
+    pairs = [(int(a), int(b)) for a in content for b in content if a != b]
+    chosen = rng.choice(len(pairs), _NCLS * _PHRASES, replace=False)
+    return content, np.array([pairs[i] for i in chosen]).reshape(_NCLS, _PHRASES, 2)
 
 
-def _motifs(n: int, rng: np.random.Generator, table: np.ndarray):
-    """Filler tokens, 3 keywords of the class (drawn with replacement from its 3) and 2 keywords of each of two
-    decoy classes, at random places; the class is the one with the most keywords."""
-    keywords = set(table.ravel().tolist())
-    filler = np.array([t for t in range(_VOCAB) if t not in keywords])
+def _phrases(n: int, rng: np.random.Generator, content: np.ndarray, table: np.ndarray):
+    """Filler tokens, one phrase of the class at a random place and ``_DECOYS`` content tokens elsewhere; any
+    other class's phrase the decoys form by chance is broken up (the label stays unambiguous)."""
+    filler = np.setdiff1d(np.arange(_VOCAB), content)
+    other = {(int(a), int(b)): c for c in range(_NCLS) for a, b in table[c]}
     y = rng.integers(0, _NCLS, n)
     x = filler[rng.integers(0, len(filler), (n, _LEN))]
     for i in range(n):
-        decoys = (y[i] + rng.choice(np.arange(1, _NCLS), 2, replace=False)) % _NCLS
-        slots = rng.choice(_LEN, 7, replace=False)
-        x[i, slots[:3]] = table[y[i], rng.integers(0, _KEYS, 3)]
-        x[i, slots[3:5]] = table[decoys[0], rng.integers(0, _KEYS, 2)]
-        x[i, slots[5:]] = table[decoys[1], rng.integers(0, _KEYS, 2)]
+        p = int(rng.integers(0, _LEN - 1))
+        x[i, p:p + 2] = table[y[i], rng.integers(0, _PHRASES)]
+        free = np.setdiff1d(np.arange(_LEN), [p, p + 1])
+        x[i, rng.choice(free, _DECOYS, replace=False)] = rng.choice(content, _DECOYS)
+        for j in range(_LEN - 1):
+            if j != p and other.get((int(x[i, j]), int(x[i, j + 1])), y[i]) != y[i]:
+                x[i, j + 1 if j + 1 not in (p, p + 1) else j] = filler[rng.integers(0, len(filler))]
     return x, y
 
 
@@ -202,8 +212,8 @@ def make_task(name: str, seed: int = 0, sizes: Optional[Tuple[int, int, int]] = 
         parts = [_render_digits(sx, sy, n, rng) for (sx, sy), n in zip(srcs, (n_tr, n_va, n_te))]
         kind, ncls, vocab = "image", 10, 0
     else:
-        table = _motif_table(seed)
-        parts = [_motifs(n, rng, table) for n in (n_tr, n_va, n_te)]
+        content, table = _phrase_table(seed)
+        parts = [_phrases(n, rng, content, table) for n in (n_tr, n_va, n_te)]
         kind, ncls, vocab = "tokens", _NCLS, _VOCAB
     t = [torch.from_numpy(np.ascontiguousarray(a)) for part in parts for a in part]
     t = [a.long() if i % 2 == 1 or kind == "tokens" else a.float() for i, a in enumerate(t)]
