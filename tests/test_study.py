@@ -124,6 +124,14 @@ def test_default_suite_tunes_epsilon_per_optimizer(tmp_path):
             assert spec["optimizer"] == base["optimizer"] and spec["adv"]["epsilon"] == base["adv"]["epsilon"]
             assert spec["adv"]["tau"] == (0 if "disadv" in r else int(r.split("_t")[1][0]))
             assert bool(spec["adv"].get("normalize_loss")) == r.endswith("_mean")
+    # the variants around LAMB + ConAdv change one thing each
+    from ds_conadv.study.runner import variant_specs
+    lamb_variants = {k: v for k, v in variant_specs(s, "shapes", chosen).items() if k.startswith("lamb:")}
+    base = chosen["lamb+conadv_t1"]
+    assert lamb_variants["lamb: conadv_t1 (chosen)"] == base
+    assert lamb_variants["lamb: bn mixed (one forward)"]["adv"] == dict(base["adv"], bn="mixed")
+    assert lamb_variants["lamb: adv_weight 2"]["adv"] == dict(base["adv"], adv_weight=2.0)
+    assert all(v["optimizer"] == "lamb" and v["lr"] == base["lr"] for v in lamb_variants.values())
 
 
 def test_bad_arguments_are_one_line(capsys):

@@ -322,10 +322,39 @@ def variant_specs(s: Dict[str, Any], task: str, chosen: Dict[str, Dict[str, Any]
         "adversarial from the end of warm-up": with_adv(start_epoch=s["warmup_epochs"]),
         "adversarial stops at half the epochs": with_adv(stop_epoch=max(s["epochs"] // 2, 1)),
     })
+    v.update(_lamb_variants(task, chosen["lamb+conadv_t1"]))
     for samples, ema, ratio in ((128, 0.0, 0.5), (512, 0.0, 0.5), (512, 0.0, 0.7), (1024, 0.5, 0.5)):
         v[f"absa eig {samples} samples, ema {ema}, ratio {ratio}"] = dict(
             copy.deepcopy(chosen["absa_default"]),
             absa=dict(chosen["absa_default"]["absa"], eig_samples=samples, ema=ema, eig_ratio=ratio))
+    return v
+
+
+def _lamb_variants(task: str, c1: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The same questions around LAMB + ConAdv tau = 1, the setting that does not collapse with the paper's loss:
+    BN handling, attack, epsilon, adv_weight, adversarial start/stop, staleness. Names start with ``lamb:``."""
+    eps, epochs = c1["adv"]["epsilon"], c1["epochs"]
+
+    def with_adv(**kw):
+        v = copy.deepcopy(c1)
+        v["adv"].update(kw)
+        return v
+
+    v = {"lamb: conadv_t1 (chosen)": copy.deepcopy(c1), "lamb: tau 0 (DisAdv)": with_adv(tau=0),
+         "lamb: tau 2": with_adv(tau=2)}
+    if _kind(task) == "image":
+        v.update({"lamb: bn shared": with_adv(bn="shared"),
+                  "lamb: bn shared, adv out of running stats": with_adv(bn="shared_frozen"),
+                  "lamb: bn mixed (one forward)": with_adv(bn="mixed")})
+    v.update({
+        "lamb: attack random-target PGD-1, random start 0.8": with_adv(attack="pgd", steps=1, target="random",
+                                                                       random_start=True, random_start_prob=0.8),
+        "lamb: attack untargeted PGD-3": with_adv(attack="pgd", steps=3, step_size=eps / 2),
+        "lamb: epsilon x3": with_adv(epsilon=eps * 3), "lamb: epsilon x0.3": with_adv(epsilon=eps * 0.3),
+        "lamb: adv_weight 0.5": with_adv(adv_weight=0.5), "lamb: adv_weight 2": with_adv(adv_weight=2.0),
+        "lamb: adversarial from the end of warm-up": with_adv(start_epoch=c1["warmup_epochs"]),
+        "lamb: adversarial stops at half the epochs": with_adv(stop_epoch=max(epochs // 2, 1)),
+    })
     return v
 
 
