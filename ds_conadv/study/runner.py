@@ -304,6 +304,8 @@ def variant_specs(s: Dict[str, Any], task: str, chosen: Dict[str, Dict[str, Any]
         "tau 1, loss normalised": with_adv(normalize_loss=True),
         "tau 0, loss normalised": dict(copy.deepcopy(d0), adv=dict(d0["adv"], normalize_loss=True)),
         "excluded params LR x0.1": dict(copy.deepcopy(c1), excl_lr_mult=0.1),
+        "tau 1, loss normalised, excluded params LR x0.1": dict(with_adv(normalize_loss=True), excl_lr_mult=0.1),
+        "vanilla LARS, excluded params LR x0.1": dict(copy.deepcopy(chosen["lars"]), excl_lr_mult=0.1),
         "staleness guard 0.05": with_adv(guard_drift=0.05),
         "tau 0, LARS lr x0.5": dict(copy.deepcopy(d0), lr=c1["lr"] * 0.5),
         "tau 1, LARS lr x2": dict(copy.deepcopy(c1), lr=c1["lr"] * 2),
