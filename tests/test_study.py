@@ -137,6 +137,11 @@ def test_default_suite_tunes_epsilon_per_optimizer(tmp_path):
 def test_bad_arguments_are_one_line(capsys):
     assert main(["--quick", "--tasks", "cifar"]) == 2
     assert "unknown task 'cifar'" in capsys.readouterr().err
+    assert main(["--quick", "--sizes", "256,64"]) == 2
+    assert "--sizes: '256,64' is not three positive integers" in capsys.readouterr().err
+    assert main(["--quick", "--sizes", "256,64,64", "--large-batch", "512"]) == 2
+    assert "--large-batch: 512 must be above the small batch (64) and at most the training examples" in \
+        capsys.readouterr().err
 
 
 def test_cli_forwards_to_the_study(capsys):

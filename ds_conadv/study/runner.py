@@ -583,6 +583,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--regimes", default=",".join(DEFAULT_REGIMES),
                    help="regimes of the final phase, or 'all' (default: the default suite's)")
     p.add_argument("--seeds", type=int, default=None, help="final seeds (default 3; 1 with --quick)")
+    p.add_argument("--sizes", default=None, help="TRAIN,VAL,TEST examples of every task (default: the task's own)")
+    p.add_argument("--large-batch", type=int, default=None,
+                   help="batch of the large-batch regimes and ABSA's largest batch (default 1024)")
     p.add_argument("--variant-tasks", default=None, help="tasks of the variants phase (default: all)")
     p.add_argument("--sweep-tasks", default=None, help="tasks of the batch-size sweep (default: digits)")
     p.add_argument("--out", default=None, help="folder of the per-run JSONs (default benchmarks/results/study"
@@ -612,6 +615,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         s["sweep_tasks"] = [t.strip() for t in args.sweep_tasks.split(",") if t.strip()]
     if args.seeds:
         s["seeds"] = args.seeds
+    if args.sizes:
+        try:
+            sizes = tuple(int(v) for v in args.sizes.split(","))
+            if len(sizes) != 3 or min(sizes) < 1:
+                raise ValueError
+        except ValueError:
+            print(f"--sizes: {args.sizes!r} is not three positive integers TRAIN,VAL,TEST", file=sys.stderr)
+            return 2
+        s["sizes"] = sizes
+    if args.large_batch is not None:
+        from .tasks import TASK_SIZES as sizes_of
+        train = s["sizes"][0] if s["sizes"] else min(sizes_of.get(t, (0,))[0] for t in s["tasks"])
+        if not s["small_batch"] < args.large_batch <= train:
+            print(f"--large-batch: {args.large_batch} must be above the small batch ({s['small_batch']}) and at "
+                  "most the training examples", file=sys.stderr)
+            return 2
+        s["large_batch"] = args.large_batch
+        s["absa"] = dict(s["absa"], max_batch=args.large_batch)
     from .tasks import TASK_SIZES
     bad = [t for t in s["tasks"] + s["variants_tasks"] + s["sweep_tasks"] if t not in TASK_SIZES]
     if bad:
