@@ -124,6 +124,8 @@ def test_default_suite_tunes_epsilon_per_optimizer(tmp_path):
             assert spec["optimizer"] == base["optimizer"] and spec["adv"]["epsilon"] == base["adv"]["epsilon"]
             assert spec["adv"]["tau"] == (0 if "disadv" in r else int(r.split("_t")[1][0]))
             assert bool(spec["adv"].get("normalize_loss")) == r.endswith("_mean")
+    for name in ("lamb+disadv", "lamb+conadv_t1"):
+        assert chosen[name + "_late"]["adv"] == dict(chosen[name]["adv"], start_epoch=s["warmup_epochs"])
     # the variants around LAMB + ConAdv change one thing each
     from ds_conadv.study.runner import variant_specs
     lamb_variants = {k: v for k, v in variant_specs(s, "shapes", chosen).items() if k.startswith("lamb:")}

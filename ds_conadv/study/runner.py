@@ -39,8 +39,8 @@ __all__ = ["main", "suite_settings", "REGIMES", "DEFAULT_REGIMES"]
 
 REGIMES = ("sgd_small", "lars", "lamb", "lars+disadv", "lars+conadv_t1", "lars+conadv_t2", "lars+conadv_t4",
            "lars+disadv_mean", "lars+conadv_t1_mean", "lars+conadv_t2_mean", "lamb+disadv", "lamb+conadv_t1",
-           "lamb+conadv_t2", "lamb+conadv_t4", "absa_default", "absa_eig", "absa_eig512", "absa_eig512_r07",
-           "absa_duration4")
+           "lamb+conadv_t2", "lamb+conadv_t4", "lamb+disadv_late", "lamb+conadv_t1_late", "absa_default", "absa_eig",
+           "absa_eig512", "absa_eig512_r07", "absa_duration4")
 #: the final phase's regimes unless ``--regimes`` says otherwise: the default suite (the paper's sum loss with
 #: LARS, which collapses at LARS's tuned LR, and the ABSA eigenvalue studies are opt-in)
 DEFAULT_REGIMES = ("sgd_small", "lars", "lamb", "lars+disadv_mean", "lars+conadv_t1_mean", "lamb+disadv",
@@ -251,6 +251,10 @@ def tune(runner: Runner, s: Dict[str, Any], task: str, adversarial: Any = True) 
             if name in REGIMES:
                 chosen[name] = copy.deepcopy(chosen[base])
                 chosen[name]["adv"]["tau"] = tau
+    # "_late": adversarial examples only from the end of warm-up (the variant validation preferred on the images)
+    for name in ("lamb+disadv", "lamb+conadv_t1"):
+        chosen[name + "_late"] = copy.deepcopy(chosen[name])
+        chosen[name + "_late"]["adv"]["start_epoch"] = s["warmup_epochs"]
     sgd = chosen["sgd_small"]
     a = dict(s["absa"], epsilon=s["absa"]["epsilon"][_kind(task)])
     chosen["absa_default"] = dict(sgd, absa=dict(a, **s["absa_default_eig"]))
