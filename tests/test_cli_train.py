@@ -201,6 +201,19 @@ def test_print_config_applies_the_overrides(capsys):
     assert not any(k.startswith("_comment") for k in cfg)
 
 
+def test_adversarial_start_after_the_last_epoch_is_refused(capsys):
+    """A ConAdv job whose start epoch is not below its epochs would train without adversarial examples: refused."""
+    argv = ["train", "--print-config", "--epochs", "3", "--set", "conadv.start_epoch=3"]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert '"conadv.start_epoch" = 3 with "train.epochs" = 3: no epoch would have adversarial examples' in err
+    assert len(err.strip().splitlines()) == 1
+    assert cli.main(argv[:-2] + ["--set", "conadv.start_epoch=2"]) == 0
+    assert cli.main(argv + ["--mode", "vanilla"]) == 0
+
+
 def test_mode_overrides():
     base = train.load_embedded()
     assert train.validate_config(train.apply_overrides(base, mode="vanilla")[0]).mode == "vanilla"

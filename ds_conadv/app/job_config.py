@@ -191,6 +191,10 @@ def validate_config(cfg: Dict[str, Any], check_deepspeed: bool = True,
     raw = strip_comments(cfg)
     train = TrainConfig.from_section(raw.get("train"))
     conadv = ConAdvConfig.from_section(raw.get("conadv"))
+    if conadv.enabled and conadv.start_epoch >= train.epochs:
+        raise ConfigError(f'"conadv.start_epoch" = {conadv.start_epoch} with "train.epochs" = {train.epochs}: no '
+                          "epoch would have adversarial examples; give a start epoch below the epochs, or "
+                          '"conadv.enabled": false (--mode vanilla)')
     if raw.get("absa") is not None:
         from ds_conadv.absa.policy import ABSAConfig
 
