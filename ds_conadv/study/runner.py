@@ -293,13 +293,7 @@ def _run_grouped(runner: Runner, items: List[Any], keys: List[str], label: str) 
 def variant_specs(s: Dict[str, Any], task: str, chosen: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     """Named variants around the chosen ConAdv tau = 1 (and ABSA), for the validation split."""
     c1 = chosen["lars+conadv_t1"]
-    eps = c1["adv"]["epsilon"]
-
-    def with_adv(**kw):
-        v = copy.deepcopy(c1)
-        v["adv"].update(kw)
-        return v
-
+    with_adv = functools.partial(_with_adv, c1)
     d0 = chosen["lars+disadv"]
     v: Dict[str, Dict[str, Any]] = {
         "conadv_t1 (chosen)": copy.deepcopy(c1),
@@ -316,18 +310,7 @@ def variant_specs(s: Dict[str, Any], task: str, chosen: Dict[str, Dict[str, Any]
         "lamb + conadv tau 1": dict(copy.deepcopy(chosen["lamb"]), adv=copy.deepcopy(c1["adv"])),
         "lamb + disadv": dict(copy.deepcopy(chosen["lamb"]), adv=dict(copy.deepcopy(c1["adv"]), tau=0)),
     }
-    if _kind(task) == "image":
-        v.update({"bn shared": with_adv(bn="shared"), "bn shared, adv out of running stats":
-                  with_adv(bn="shared_frozen"), "bn mixed (one forward)": with_adv(bn="mixed")})
-    v.update({
-        "attack random-target PGD-1, random start 0.8": with_adv(attack="pgd", steps=1, target="random",
-                                                                 random_start=True, random_start_prob=0.8),
-        "attack untargeted PGD-3": with_adv(attack="pgd", steps=3, step_size=eps / 2),
-        "epsilon x0.3": with_adv(epsilon=eps * 0.3), "epsilon x3": with_adv(epsilon=eps * 3),
-        "adv_weight 0.5": with_adv(adv_weight=0.5),
-        "adversarial from the end of warm-up": with_adv(start_epoch=s["warmup_epochs"]),
-        "adversarial stops at half the epochs": with_adv(stop_epoch=max(s["epochs"] // 2, 1)),
-    })
+    v.update(_adv_questions(task, c1))
     v.update(_lamb_variants(task, chosen["lamb+conadv_t1"]))
     for samples, ema, ratio in ((128, 0.0, 0.5), (512, 0.0, 0.5), (512, 0.0, 0.7), (1024, 0.5, 0.5)):
         v[f"absa eig {samples} samples, ema {ema}, ratio {ratio}"] = dict(
@@ -336,31 +319,41 @@ def variant_specs(s: Dict[str, Any], task: str, chosen: Dict[str, Dict[str, Any]
     return v
 
 
-def _lamb_variants(task: str, c1: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """The same questions around LAMB + ConAdv tau = 1, the setting that does not collapse with the paper's loss:
-    BN handling, attack, epsilon, adv_weight, adversarial start/stop, staleness. Names start with ``lamb:``."""
-    eps, epochs = c1["adv"]["epsilon"], c1["epochs"]
+def _with_adv(spec: Dict[str, Any], **kw) -> Dict[str, Any]:
+    """A copy of ``spec`` with its ``adv`` section updated."""
+    v = copy.deepcopy(spec)
+    v["adv"].update(kw)
+    return v
 
-    def with_adv(**kw):
-        v = copy.deepcopy(c1)
-        v["adv"].update(kw)
-        return v
 
-    v = {"lamb: conadv_t1 (chosen)": copy.deepcopy(c1), "lamb: tau 0 (DisAdv)": with_adv(tau=0),
-         "lamb: tau 2": with_adv(tau=2)}
+def _adv_questions(task: str, c1: Dict[str, Any], prefix: str = "") -> Dict[str, Dict[str, Any]]:
+    """The variants asked around any ConAdv tau = 1 spec ``c1``: BN handling (images), attack, epsilon,
+    adv_weight, adversarial start (end of warm-up) and stop (half the epochs); names start with ``prefix``."""
+    eps = c1["adv"]["epsilon"]
+    v: Dict[str, Dict[str, Any]] = {}
     if _kind(task) == "image":
-        v.update({"lamb: bn shared": with_adv(bn="shared"),
-                  "lamb: bn shared, adv out of running stats": with_adv(bn="shared_frozen"),
-                  "lamb: bn mixed (one forward)": with_adv(bn="mixed")})
+        v.update({"bn shared": _with_adv(c1, bn="shared"),
+                  "bn shared, adv out of running stats": _with_adv(c1, bn="shared_frozen"),
+                  "bn mixed (one forward)": _with_adv(c1, bn="mixed")})
     v.update({
-        "lamb: attack random-target PGD-1, random start 0.8": with_adv(attack="pgd", steps=1, target="random",
-                                                                       random_start=True, random_start_prob=0.8),
-        "lamb: attack untargeted PGD-3": with_adv(attack="pgd", steps=3, step_size=eps / 2),
-        "lamb: epsilon x3": with_adv(epsilon=eps * 3), "lamb: epsilon x0.3": with_adv(epsilon=eps * 0.3),
-        "lamb: adv_weight 0.5": with_adv(adv_weight=0.5), "lamb: adv_weight 2": with_adv(adv_weight=2.0),
-        "lamb: adversarial from the end of warm-up": with_adv(start_epoch=c1["warmup_epochs"]),
-        "lamb: adversarial stops at half the epochs": with_adv(stop_epoch=max(epochs // 2, 1)),
+        "attack random-target PGD-1, random start 0.8": _with_adv(c1, attack="pgd", steps=1, target="random",
+                                                                  random_start=True, random_start_prob=0.8),
+        "attack untargeted PGD-3": _with_adv(c1, attack="pgd", steps=3, step_size=eps / 2),
+        "epsilon x0.3": _with_adv(c1, epsilon=eps * 0.3), "epsilon x3": _with_adv(c1, epsilon=eps * 3),
+        "adv_weight 0.5": _with_adv(c1, adv_weight=0.5),
+        "adversarial from the end of warm-up": _with_adv(c1, start_epoch=c1["warmup_epochs"]),
+        "adversarial stops at half the epochs": _with_adv(c1, stop_epoch=max(c1["epochs"] // 2, 1)),
     })
+    return {prefix + k: spec for k, spec in v.items()}
+
+
+def _lamb_variants(task: str, c1: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The same questions around LAMB + ConAdv tau = 1, the setting that does not collapse with the paper's loss,
+    plus staleness and a larger adv_weight. Names start with ``lamb:``."""
+    v = {"lamb: conadv_t1 (chosen)": copy.deepcopy(c1), "lamb: tau 0 (DisAdv)": _with_adv(c1, tau=0),
+         "lamb: tau 2": _with_adv(c1, tau=2)}
+    v.update(_adv_questions(task, c1, "lamb: "))
+    v["lamb: adv_weight 2"] = _with_adv(c1, adv_weight=2.0)
     return v
 
 
@@ -617,6 +610,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         s["variants_tasks"] = [t.strip() for t in args.variant_tasks.split(",") if t.strip()]
     if args.sweep_tasks is not None:
         s["sweep_tasks"] = [t.strip() for t in args.sweep_tasks.split(",") if t.strip()]
+    from .tasks import TASK_SIZES
+    bad = [t for t in s["tasks"] + s["variants_tasks"] + s["sweep_tasks"] if t not in TASK_SIZES]
+    if bad:
+        print(f"--tasks: unknown task {bad[0]!r}; allowed: {', '.join(TASK_SIZES)}", file=sys.stderr)
+        return 2
     if args.seeds:
         s["seeds"] = args.seeds
     if args.sizes:
@@ -629,19 +627,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         s["sizes"] = sizes
     if args.large_batch is not None:
-        from .tasks import TASK_SIZES as sizes_of
-        train = s["sizes"][0] if s["sizes"] else min(sizes_of.get(t, (0,))[0] for t in s["tasks"])
+        train = s["sizes"][0] if s["sizes"] else min(TASK_SIZES[t][0] for t in s["tasks"])
         if not s["small_batch"] < args.large_batch <= train:
             print(f"--large-batch: {args.large_batch} must be above the small batch ({s['small_batch']}) and at "
                   "most the training examples", file=sys.stderr)
             return 2
         s["large_batch"] = args.large_batch
         s["absa"] = dict(s["absa"], max_batch=args.large_batch)
-    from .tasks import TASK_SIZES
-    bad = [t for t in s["tasks"] + s["variants_tasks"] + s["sweep_tasks"] if t not in TASK_SIZES]
-    if bad:
-        print(f"--tasks: unknown task {bad[0]!r}; allowed: {', '.join(TASK_SIZES)}", file=sys.stderr)
-        return 2
     phases = {p.strip() for p in args.phases.split(",") if p.strip()}
     regimes = list(REGIMES) if args.regimes.strip() == "all" else [r.strip() for r in args.regimes.split(",")
                                                                      if r.strip()]
